@@ -1,0 +1,25 @@
+"""mhmoe: Multi-Head Mixture-of-Experts (Huang, Wu, Ma, Wei; arXiv 2411.16205).
+
+    y = merge( unsplit( MoE( split( head(x), h ) ) ) )
+
+The layer family (Dense, SMoE, fine-grained SMoE, MH-MoE, shared experts, head/merge
+ablations) shares one MoE core; ``mhmoe.parity`` counts their parameters and FLOPs and plans
+FLOPs-matched MH-MoE configurations.
+"""
+
+from mhmoe.config import DenseConfig, MoEConfig
+from mhmoe.layers.feed_forward import FeedForward
+from mhmoe.layers.mh_moe import MHMoE, MoE, build_ffn
+from mhmoe.layers.moe import MoEAux
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseConfig",
+    "FeedForward",
+    "MHMoE",
+    "MoE",
+    "MoEAux",
+    "MoEConfig",
+    "build_ffn",
+]

@@ -1,0 +1,286 @@
+"""The MoE layer family against its plain references and degenerate cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mhmoe import FeedForward, MHMoE, MoE, MoEConfig, build_ffn, DenseConfig
+from mhmoe.layers.experts import grouped_mm, grouped_mm_supported, segment_mm
+from mhmoe.layers.moe import sort_assignments
+from mhmoe.layers.routing import TopKRouter, load_balancing_loss, router_z_loss
+
+
+def _grads(layer: torch.nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tensor, list]:
+    y, aux = forward(x)
+    upstream = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    # The load-balancing loss is part of every training objective: check its gradient too.
+    objective = (y * upstream).sum() + 0.1 * aux.load_balancing_loss + 0.01 * aux.z_loss
+    inputs = [x] + [p for p in layer.parameters()]
+    return y, torch.autograd.grad(objective, inputs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_heads=st.integers(1, 4),
+    top_k=st.integers(1, 4),
+    num_experts=st.integers(1, 16),
+    num_tokens=st.integers(1, 9),
+    shared=st.booleans(),
+    head=st.booleans(),
+    merge=st.booleans(),
+    activation=st.sampled_from(["swiglu", "relu"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_path_equals_loop_reference_float64(
+    num_heads, top_k, num_experts, num_tokens, shared, head, merge, activation, bias, seed
+):
+    top_k = min(top_k, num_experts)
+    torch.manual_seed(seed)
+    layer = MHMoE(
+        d_model=12 * num_heads,
+        num_heads=num_heads,
+        num_experts=num_experts,
+        top_k=top_k,
+        d_expert=7,
+        head_layer=head,
+        merge_layer=merge,
+        shared_d_ff=5 if shared else None,
+        activation=activation,
+        bias=bias,
+    ).double()
+    x = torch.randn(num_tokens, 12 * num_heads, dtype=torch.float64, requires_grad=True)
+    y_fast, grads_fast = _grads(layer, x, layer.forward)
+    y_ref, grads_ref = _grads(layer, x, layer.forward_reference)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    num_heads=st.integers(1, 3),
+    top_k=st.integers(1, 3),
+    num_experts=st.integers(1, 8),
+    capacity_factor=st.sampled_from([0.25, 0.5, 1.0, 1.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_capacity_dropping_equals_loop_reference(num_heads, top_k, num_experts, capacity_factor, seed):
+    top_k = min(top_k, num_experts)
+    torch.manual_seed(seed)
+    layer = MHMoE(
+        d_model=8 * num_heads, num_heads=num_heads, num_experts=num_experts, top_k=top_k,
+        d_expert=6, capacity_factor=capacity_factor,
+    ).double()
+    x = torch.randn(11, 8 * num_heads, dtype=torch.float64, requires_grad=True)
+    (y_fast, aux_fast), (y_ref, aux_ref) = layer(x), layer.forward_reference(x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
+    assert float(aux_fast.dropped_fraction) == pytest.approx(float(aux_ref.dropped_fraction))
+    y_fast_g, grads_fast = _grads(layer, x, layer.forward)
+    _, grads_ref = _grads(layer, x, layer.forward_reference)
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_capacity_keeps_first_choices_before_second_choices():
+    # 4 units, top-2, 2 experts; every unit picks expert 0 first. Capacity = ceil(0.5*8/2) = 2.
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
+    kept_order, kept_counts, tokens_per_expert = sort_assignments(ids, 2, capacity_factor=0.5)
+    assert tokens_per_expert.tolist() == [4, 4]
+    assert kept_counts.tolist() == [2, 2]
+    # expert 0 serves units 0 and 1 (first choices); expert 1 serves unit 3's first choice
+    # (assignment 6) before any second choice (unit 0's, assignment 1).
+    assert kept_order.tolist() == [0, 2, 6, 1]
+
+
+def test_capacity_reports_dropped_fraction_and_zero_output_when_all_dropped():
+    torch.manual_seed(0)
+    layer = MoE(d_model=8, num_experts=2, top_k=1, d_expert=4, capacity_factor=0.1)
+    with torch.no_grad():  # send every token to expert 0
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 100.0
+    x = torch.randn(40, 8)
+    x[:, 0] = 1.0
+    y, aux = layer(x)
+    # capacity = ceil(0.1 * 40 / 2) = 2 of the 40 assignments kept
+    assert float(aux.dropped_fraction) == pytest.approx(38 / 40)
+    assert torch.count_nonzero(y.abs().sum(-1)) == 2
+
+
+@pytest.mark.skipif(not grouped_mm_supported("cpu", torch.float32), reason="no _grouped_mm")
+def test_grouped_mm_matches_segment_loop_forward_and_backward():
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 1, 0, 7]  # experts with no rows included
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    w = torch.randn(len(counts), 24, 16, requires_grad=True)
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    y_grouped = grouped_mm(x, w, offsets, use_grouped_mm=True)
+    y_loop = segment_mm(x, w, counts)
+    torch.testing.assert_close(y_grouped, y_loop, rtol=1e-5, atol=1e-5)
+    # .sum() hands _grouped_mm an expanded (stride 0) gradient: must still work.
+    g_grouped = torch.autograd.grad(y_grouped.sum(), [x, w])
+    g_loop = torch.autograd.grad(y_loop.sum(), [x, w])
+    for a, b in zip(g_grouped, g_loop):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert g_grouped[1][1].abs().sum() == 0  # an expert with no rows gets a zero gradient
+
+
+@pytest.mark.parametrize("num_heads,num_experts,top_k", [(1, 8, 1), (3, 12, 3)])
+def test_float32_grouped_layer_matches_reference(num_heads, num_experts, top_k):
+    torch.manual_seed(1)
+    layer = MHMoE(d_model=48, num_heads=num_heads, num_experts=num_experts, top_k=top_k, d_expert=32)
+    x = torch.randn(2, 33, 48, requires_grad=True)
+    y_fast, grads_fast = _grads(layer, x, layer.forward)
+    y_ref, grads_ref = _grads(layer, x, layer.forward_reference)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    layer.experts.use_grouped_mm = False  # the fallback path gives the same
+    torch.testing.assert_close(layer(x)[0], y_fast, rtol=1e-5, atol=1e-6)
+
+
+def test_one_expert_top1_equals_dense_ffn():
+    torch.manual_seed(0)
+    moe = MoE(d_model=16, num_experts=1, top_k=1, d_expert=24).double()
+    ffn = FeedForward(d_model=16, d_ff=24).double()
+    with torch.no_grad():
+        ffn.w1.weight.copy_(moe.experts.w1[0])
+        ffn.w3.weight.copy_(moe.experts.w3[0])
+        ffn.w2.weight.copy_(moe.experts.w2[0])
+    x = torch.randn(5, 16, dtype=torch.float64)
+    y_moe, aux = moe(x)
+    # one expert: softmax probability 1, top-1 keeps it raw -> exactly the dense FFN
+    torch.testing.assert_close(y_moe, ffn(x))
+    assert aux.tokens_per_expert.tolist() == [5]
+
+
+def test_h1_without_head_and_merge_equals_moe():
+    torch.manual_seed(0)
+    mh = MHMoE(d_model=16, num_heads=1, num_experts=4, top_k=2, d_expert=8,
+               head_layer=False, merge_layer=False)
+    moe = MoE(d_model=16, num_experts=4, top_k=2, d_expert=8)
+    assert set(mh.state_dict()) == set(moe.state_dict())
+    moe.load_state_dict(mh.state_dict())
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(mh(x)[0], moe(x)[0])
+
+
+def test_identity_head_and_merge_equals_per_subtoken_moe():
+    torch.manual_seed(0)
+    mh = MHMoE(d_model=12, num_heads=3, num_experts=5, top_k=2, d_expert=8)
+    sub = MoE(d_model=4, num_experts=5, top_k=2, d_expert=8)
+    sub.load_state_dict({k: v for k, v in mh.state_dict().items() if k.startswith(("router", "experts"))})
+    with torch.no_grad():
+        mh.head.weight.copy_(torch.eye(12))
+        mh.merge.weight.copy_(torch.eye(12))
+    x = torch.randn(6, 12)
+    y_sub, _ = sub(x.reshape(18, 4))  # sub-token h of token t is row t*3 + h
+    torch.testing.assert_close(mh(x)[0], y_sub.reshape(6, 12))
+
+
+def test_mhmoe_is_equivariant_to_token_permutation():
+    torch.manual_seed(0)
+    layer = MHMoE(d_model=24, num_heads=3, num_experts=9, top_k=3, d_expert=8, shared_d_ff=16).double()
+    x = torch.randn(20, 24, dtype=torch.float64)
+    perm = torch.randperm(20)
+    torch.testing.assert_close(layer(x[perm])[0], layer(x)[0][perm])
+
+
+def test_interface_shapes_and_state_dict_keys():
+    layer = MHMoE(d_model=96, num_heads=3, num_experts=12, top_k=3, d_expert=64,
+                  head_layer=True, merge_layer=True, shared_d_ff=None,
+                  activation="swiglu", bias=False, capacity_factor=None)
+    x = torch.randn(2, 5, 96)
+    y, aux = layer(x)
+    assert y.shape == x.shape
+    assert aux.load_balancing_loss.ndim == 0
+    assert aux.tokens_per_expert.shape == (12,)
+    assert int(aux.tokens_per_expert.sum()) == 2 * 5 * 3 * 3  # tokens * heads * top_k
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {
+        "head.weight": (96, 96), "merge.weight": (96, 96), "router.weight": (12, 32),
+        "experts.w1": (12, 64, 32), "experts.w3": (12, 64, 32), "experts.w2": (12, 32, 64),
+    }
+    moe = MoE(d_model=96, num_experts=8, top_k=1, d_expert=256, shared_d_ff=128, activation="relu")
+    assert set(moe.state_dict()) == {
+        "router.weight", "experts.w1", "experts.w2", "shared.w1.weight", "shared.w2.weight"}
+    ffn = FeedForward(d_model=96, d_ff=256, activation="swiglu")
+    assert ffn(x).shape == x.shape
+    assert isinstance(build_ffn(DenseConfig(96, 256)), FeedForward)
+    assert isinstance(build_ffn(MoEConfig(96, 8, 1, 256)), MHMoE)
+
+
+def test_bias_option_adds_biases_to_head_merge_and_shared_only():
+    layer = MHMoE(d_model=8, num_heads=2, num_experts=3, top_k=1, d_expert=4, shared_d_ff=6, bias=True)
+    keys = set(layer.state_dict())
+    assert {"head.bias", "merge.bias", "shared.w1.bias", "shared.w2.bias"} <= keys
+    assert not any(k.startswith(("experts", "router")) and k.endswith("bias") for k in keys)
+
+
+def test_router_semantics():
+    router = TopKRouter(d_in=4, num_experts=6, top_k=1)
+    x = torch.randn(10, 4, dtype=torch.bfloat16)
+    out = router(x)
+    assert out.logits_NE.dtype == torch.float32  # float32 logits whatever the input dtype
+    torch.testing.assert_close(out.weights_NK[:, 0], out.probs_NE.max(-1).values)  # raw prob for k=1
+    router2 = TopKRouter(d_in=4, num_experts=6, top_k=3)
+    weights = router2(x.float()).weights_NK
+    torch.testing.assert_close(weights.sum(-1), torch.ones(10))  # renormalised for k>1
+    router3 = TopKRouter(d_in=4, num_experts=6, top_k=3, normalize_top_k=False)
+    router3.load_state_dict(router2.state_dict())
+    assert (router3(x.float()).weights_NK.sum(-1) < 1).all()
+
+
+def test_load_balancing_loss_on_constructed_routings():
+    num_experts = 4
+    uniform_probs = torch.full((8, num_experts), 0.25)
+    balanced_counts = torch.tensor([2, 2, 2, 2])
+    assert float(load_balancing_loss(uniform_probs, balanced_counts)) == pytest.approx(1.0)
+    # collapsed: all probability and all assignments on expert 0 -> E * 1 * 1 = E
+    collapsed_probs = torch.zeros(8, num_experts)
+    collapsed_probs[:, 0] = 1.0
+    collapsed_counts = torch.tensor([8, 0, 0, 0])
+    assert float(load_balancing_loss(collapsed_probs, collapsed_counts)) == pytest.approx(4.0)
+    # balanced routing with any probabilities gives the minimum, 1
+    random_probs = torch.softmax(torch.randn(8, num_experts), -1)
+    assert float(load_balancing_loss(random_probs, balanced_counts)) == pytest.approx(1.0)
+    # z-loss: zero logits -> logsumexp = ln E
+    z = router_z_loss(torch.zeros(3, num_experts))
+    assert float(z) == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
+
+
+def test_aux_counts_are_subtokens_for_mhmoe():
+    torch.manual_seed(0)
+    layer = MHMoE(d_model=16, num_heads=4, num_experts=6, top_k=2, d_expert=4)
+    _, aux = layer(torch.randn(5, 16))
+    assert aux.expert_ids.shape == (5 * 4, 2)
+    assert aux.num_heads == 4
+    assert torch.equal(aux.tokens_per_expert, torch.bincount(aux.expert_ids.flatten(), minlength=6))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(d_model=10, num_heads=3), "d_model=10 is not divisible by num_heads=3"),
+        (dict(top_k=5, num_experts=4), "top_k=5 exceeds num_experts=4"),
+        (dict(d_expert=0), "d_expert=0"),
+        (dict(num_experts=-1), "num_experts=-1"),
+        (dict(activation="gelu"), "activation='gelu'"),
+        (dict(capacity_factor=0.0), "capacity_factor=0.0"),
+        (dict(shared_d_ff=0), "shared_d_ff=0"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kwargs, match):
+    args = dict(d_model=12, num_heads=2, num_experts=4, top_k=2, d_expert=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        MHMoE(**args)
+
+
+def test_wrong_input_width_is_a_clear_error():
+    layer = MoE(d_model=8, num_experts=2, top_k=1, d_expert=4)
+    with pytest.raises(ValueError, match="expected d_model=8"):
+        layer(torch.randn(3, 9))
