@@ -284,3 +284,21 @@ def test_wrong_input_width_is_a_clear_error():
     layer = MoE(d_model=8, num_experts=2, top_k=1, d_expert=4)
     with pytest.raises(ValueError, match="expected d_model=8"):
         layer(torch.randn(3, 9))
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="no _grouped_mm")
+def test_grouped_mm_probe_is_not_fooled_by_no_grad():
+    grouped_mm_supported.cache_clear()
+    with torch.no_grad():
+        first = grouped_mm_supported("cpu", torch.float32)
+    assert first == grouped_mm_supported("cpu", torch.float32) is True
+
+
+def test_unaligned_sizes_fall_back_instead_of_crashing():
+    # d_expert = 30 and sub-token size 10: rows are not 16-byte aligned for _grouped_mm.
+    torch.manual_seed(0)
+    layer = MHMoE(d_model=30, num_heads=3, num_experts=4, top_k=2, d_expert=30)
+    x = torch.randn(7, 30, requires_grad=True)
+    y, _ = layer(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, layer.forward_reference(x)[0], rtol=1e-5, atol=1e-6)

@@ -46,13 +46,25 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     try:
-        x = torch.ones(4, 8, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.ones(2, 8, 8, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([1, 4], device=device_type, dtype=torch.int32)
-        torch._grouped_mm(x, w, offs=offs).backward(torch.ones(4, 8, device=device_type, dtype=dtype))
+        # enable_grad: the probe runs a backward even when the first caller is in no_grad.
+        with torch.enable_grad():
+            _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     return True
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> None:
+    x = torch.ones(4, 8, device=device_type, dtype=dtype, requires_grad=True)
+    w = torch.ones(2, 8, 8, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([1, 4], device=device_type, dtype=torch.int32)
+    torch._grouped_mm(x, w, offs=offs).backward(torch.ones(4, 8, device=device_type, dtype=dtype))
+
+
+def grouped_mm_aligned(x_MS: torch.Tensor, w_EFS: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned row strides of its operands and output."""
+    element_size = x_MS.element_size()
+    return all((size * element_size) % 16 == 0 for size in (w_EFS.shape[1], w_EFS.shape[2]))
 
 
 def segment_mm(x_MS: torch.Tensor, w_EFS: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
@@ -81,7 +93,7 @@ def grouped_mm(
     """
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x_MS.device.type, x_MS.dtype)
-    if use_grouped_mm:
+    if use_grouped_mm and grouped_mm_aligned(x_MS, w_EFS):
         y_MF = torch._grouped_mm(x_MS, w_EFS.transpose(1, 2), offs=offsets_E)
         return _ContiguousGrad.apply(y_MF)
     if counts_E is None:
