@@ -1,0 +1,1 @@
+from mhmoe.data.command import register  # noqa: F401  (mhmoe prepare-data)

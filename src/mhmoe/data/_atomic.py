@@ -1,0 +1,54 @@
+"""Atomic file writes: a reader sees either the old complete file or the new complete file.
+
+The recipe: write to a uniquely named temporary file in the destination folder (same file
+system, so the final rename is atomic), flush and fsync it, ``os.replace`` it over the
+destination, then fsync the folder so the rename itself survives a crash. Temporary files are
+hidden (leading dot) and removed on any error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a completed rename durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_binary_writer(destination: Path) -> Iterator[BinaryIO]:
+    """Yield a binary file object; on clean exit its content replaces ``destination`` atomically."""
+    destination = Path(destination)
+    fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    temp_path = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, destination)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    fsync_directory(destination.parent)
+
+
+def atomic_write_text(destination: Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``destination`` atomically."""
+    with atomic_binary_writer(destination) as handle:
+        handle.write(text.encode("utf-8"))
