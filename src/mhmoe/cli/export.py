@@ -1,0 +1,153 @@
+"""``mhmoe export RUN_DIR OUT``: write a trained run as a standalone model directory.
+
+    mhmoe export runs/mhmoe-h3 out/mhmoe-h3                  # full precision (HF format when
+                                                             # mhmoe.hf_export exists)
+    mhmoe export runs/bitnet-h3 out/bitnet-h3 --ternary      # packed 2-bit BitNet weights
+    mhmoe export runs/mhmoe-h3 out/mhmoe-h3 --dtype bfloat16
+    mhmoe export runs/bitnet-h3 out/bitnet-h3-50 --ternary --step 50
+
+Without ``--ternary`` the export is delegated to ``mhmoe.hf_export.export_hf(run_dir, out)``
+when that module is installed, else written as model.safetensors + config.json (``--dtype``,
+float32 by default). With ``--ternary`` the run must have been trained with ``--bitnet``; the
+quantised weights are packed 4 per byte (``mhmoe.export_ternary``) and the rest is stored in
+``--dtype`` (float32 by default: the loaded model then reproduces the training-time logits
+exactly). The tokenizer files of the run directory are copied along. Prints file sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mhmoe.cli import CLIError
+
+TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer*.model", "vocab*", "merges*")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a trained run (full precision, or packed ternary with --ternary)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory")
+    p.add_argument("out", metavar="OUT", help="output directory (created)")
+    p.add_argument("--ternary", action="store_true",
+                   help="pack the BitNet weights to 2 bits (run trained with --bitnet)")
+    p.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the latest)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the full-precision tensors (default float32)")
+    p.set_defaults(func=run)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return _jsonable(value.to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return repr(value)
+
+
+def _load_run(run_dir: str, step: int | None = None):
+    try:
+        checkpoint = importlib.import_module("mhmoe.checkpoint")
+    except ModuleNotFoundError as err:
+        if err.name != "mhmoe.checkpoint":
+            raise
+        raise CLIError("mhmoe.checkpoint is not available: cannot read a run directory") from None
+    if not Path(run_dir).is_dir():
+        raise NotADirectoryError(f"run directory {run_dir!r} does not exist")
+    if step is None:
+        return checkpoint.load_run(run_dir)
+    return checkpoint.load_run(run_dir, step=step)
+
+
+def _copy_tokenizer(run_dir: Path, out: Path, tokenizer: Any) -> list[str]:
+    copied = []
+    for pattern in TOKENIZER_GLOBS:
+        for src in sorted(run_dir.glob(pattern)):
+            if src.is_file():
+                tmp = out / f".{src.name}.tmp-{os.getpid()}"
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, out / src.name)
+                copied.append(src.name)
+    if not copied and tokenizer is not None and hasattr(tokenizer, "save"):
+        target = out / "tokenizer.json"
+        tmp = out / f".tokenizer.json.tmp-{os.getpid()}"
+        tokenizer.save(str(tmp))
+        os.replace(tmp, target)
+        copied.append(target.name)
+    return copied
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not args.ternary:
+        try:
+            hf_export = importlib.import_module("mhmoe.hf_export")
+        except ModuleNotFoundError as err:
+            if err.name != "mhmoe.hf_export":
+                raise
+            hf_export = None
+        if hf_export is not None:
+            accepted = inspect.signature(hf_export.export_hf).parameters
+            kwargs = {"dtype": args.dtype} if "dtype" in accepted else {}
+            if args.step is not None:
+                if "step" not in accepted:
+                    raise CLIError("--step: this mhmoe.hf_export cannot export a chosen step")
+                kwargs["step"] = args.step
+            hf_export.export_hf(args.run_dir, args.out, **kwargs)
+            return 0
+
+    from mhmoe import export_ternary as et
+    from mhmoe.quant import bitnet_modules
+
+    if args.step is not None and args.step < 1:
+        raise CLIError(f"--step {args.step}: must be a positive integer")
+    model, tokenizer, run_config = _load_run(args.run_dir, args.step)
+    extra = {"run_config": _jsonable(run_config)}
+    if args.ternary:
+        if not bitnet_modules(model):
+            raise CLIError(
+                f"run {args.run_dir!r} has no BitNet layers: --ternary needs a run trained with --bitnet"
+            )
+        et.export_ternary(model, out, dtype=args.dtype, extra=extra)
+    else:
+        et.export_plain(model, out, dtype=args.dtype, extra=extra)
+    copied = _copy_tokenizer(Path(args.run_dir), out, tokenizer)
+    size = (out / et.WEIGHTS_FILE).stat().st_size
+    state = model.state_dict()
+    fp32 = sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size() for t in state.values())
+    report = {
+        "out": str(out),
+        "format": "ternary" if args.ternary else "plain",
+        "weights_bytes": size,
+        "fp32_equivalent_bytes": fp32,
+        "bf16_equivalent_bytes": sum(
+            t.numel() * 2 if t.is_floating_point() else t.numel() * t.element_size() for t in state.values()
+        ),
+        "tokenizer_files": copied,
+    }
+    print(json.dumps(report, indent=2))
+    print(f"{et.WEIGHTS_FILE}: {_mib(size)} (fp32 weights would be {_mib(fp32)})")
+    return 0

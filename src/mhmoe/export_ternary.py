@@ -1,0 +1,575 @@
+"""Packed ternary inference: 2-bit weights in safetensors, loaded into layers that reproduce the
+BitNet training-time forward (``mhmoe.quant``) exactly.
+
+Format (``FORMAT`` = "mhmoe-ternary", version 1), one directory:
+
+* ``model.safetensors``: for every quantised module ``m`` (a ``BitLinear``, ``BitExperts`` or
+  ``BitRouter`` of the trained model) and each of its weight matrices ``W`` (``weight``; or
+  ``w1``, ``w3``, ``w2`` for stacked experts):
+    - ``m.W_packed``: uint8, the ternary codes W_q in {-1, 0, +1} stored as W_q + 1 in {0, 1, 2},
+      2 bits each, 4 per byte, row-major over the whole tensor; element 4j + i sits in bits
+      2i..2i+1 of byte j (first element in the low bits); the last byte is zero-padded;
+    - ``m.W_scale``: float32 absmean scales gamma, shape (1,) per tensor or (E,) per expert.
+  Every other state_dict entry (embeddings, LM head, RMSNorm gains, router when not quantised,
+  biases) is stored under its own key, floating tensors in the export dtype (float32 default).
+  The safetensors metadata holds the manifest below as JSON under "mhmoe_ternary".
+* ``config.json``: the manifest: format/version, ``model_type`` and ``model_config`` (to rebuild
+  a ``TransformerLM``), ``bitnet`` (the ``to_bitnet`` options) and ``quantized``: per module,
+  its kind and shapes. Written last, so a directory without it is an incomplete export.
+
+Loading (``load_ternary``) builds the full-precision model skeleton (on the meta device for
+the LM), replaces the quantised modules by ``TernaryLinear`` / ``TernaryExperts`` /
+``TernaryRouter``, which keep the packed uint8 codes resident and unpack them per forward
+(gamma * W_q, the same expression as training), and loads the file. Activations are quantised
+exactly as in training. So in eval mode the packed model's logits equal the fake-quant model's
+(bit for bit in float32; ``tests/test_quant.py``).
+
+Sizes: a quantised weight takes 2 bits + one float32 per tensor (per expert), against 32 (fp32)
+or 16 (bf16) bits; embeddings and the LM head stay full precision and dominate small models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from mhmoe.layers.experts import Experts
+from mhmoe.layers.routing import TopKRouter
+from mhmoe.quant import (
+    BitExperts,
+    BitLinear,
+    BitRouter,
+    RMSNorm,
+    _BitExpertsMath,
+    _BitLinearMath,
+    _BitRouterMath,
+    dequantize_weight,
+    weight_quant_codes,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "WEIGHTS_FILE",
+    "TernaryExperts",
+    "TernaryLinear",
+    "TernaryRouter",
+    "export_plain",
+    "export_ternary",
+    "is_ternary_export",
+    "load_export",
+    "load_ternary",
+    "pack_ternary",
+    "read_manifest",
+    "tensor_bytes",
+    "unpack_ternary",
+]
+
+FORMAT = "mhmoe-ternary"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_SHIFTS = (0, 2, 4, 6)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """Codes in {-1, 0, +1} (any shape, integer or integral float) -> flat uint8, 4 per byte.
+
+    Stored value c = w + 1 in {0, 1, 2}; byte j = c[4j] | c[4j+1] << 2 | c[4j+2] << 4 | c[4j+3] << 6;
+    length ceil(n / 4), the tail of the last byte zero.
+    """
+    if not isinstance(codes, torch.Tensor):
+        raise ValueError(f"codes of type {type(codes).__name__}: must be a torch.Tensor")
+    flat = codes.detach().reshape(-1)
+    if flat.is_floating_point():
+        if not torch.all(flat == torch.round(flat)):
+            raise ValueError("codes must be integral: ternary values are -1, 0 or +1")
+    bad = (flat < -1) | (flat > 1)
+    if bool(bad.any()):
+        value = flat[bad][0].item()
+        raise ValueError(f"code {value!r}: ternary codes must be -1, 0 or +1")
+    stored = (flat.to(torch.int16) + 1).to(torch.uint8)  # w + 1 in {0, 1, 2}
+    pad = (-stored.numel()) % 4
+    if pad:
+        stored = torch.cat([stored, stored.new_zeros(pad)])
+    quads_P4 = stored.view(-1, 4)  # (4P,) -> (P, 4)
+    packed = quads_P4[:, 0] | (quads_P4[:, 1] << 2) | (quads_P4[:, 2] << 4) | (quads_P4[:, 3] << 6)
+    return packed.contiguous()
+
+
+def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Unchecked unpacking (the per-forward path): int8 codes in {-1, 0, 1} of ``shape``."""
+    n = math.prod(shape)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
+    stored_P4 = (packed.unsqueeze(-1) >> shifts) & 3  # (P,) -> (P, 4)
+    return (stored_P4.reshape(-1)[:n].to(torch.int8) - 1).reshape(shape)
+
+
+def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...] | list[int] | torch.Size) -> torch.Tensor:
+    """Inverse of ``pack_ternary``: int8 codes in {-1, 0, +1} of ``shape``.
+
+    Raises ValueError when ``packed`` is not a 1-D uint8 tensor of ceil(prod(shape) / 4) bytes,
+    or holds the unused code 3.
+    """
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape={shape}: dimensions must be non-negative")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(
+            f"packed={getattr(packed, 'dtype', type(packed).__name__)} "
+            f"{tuple(getattr(packed, 'shape', ()))}: must be a 1-D uint8 tensor"
+        )
+    expected = -(-math.prod(shape) // 4)
+    if packed.numel() != expected:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes, shape {shape} needs ceil({math.prod(shape)} / 4) = {expected}"
+        )
+    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
+    stored = ((packed.unsqueeze(-1) >> shifts) & 3).reshape(-1)[: math.prod(shape)]
+    if bool((stored == 3).any()):
+        raise ValueError("packed ternary weights hold the code 3 (2 bits 11), which no ternary value uses")
+    return _unpack(packed, shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Packed modules: same forward as the BitNet modules, weights unpacked from uint8 buffers.
+# --------------------------------------------------------------------------------------------
+
+
+def _unpacked_weight(module: nn.Module, name: str) -> torch.Tensor:
+    packed = getattr(module, f"{name}_packed")
+    scale = getattr(module, f"{name}_scale")
+    codes = _unpack(packed, module.weight_shapes[name]).to(scale.dtype)
+    if scale.numel() == 1 and codes.dim() == 2:
+        scale = scale.reshape(())  # per tensor: (1,) -> ()
+    return dequantize_weight(codes, scale)
+
+
+def _register_packed(module: nn.Module, name: str, shape: tuple[int, ...], num_scales: int, device=None) -> None:
+    module.register_buffer(f"{name}_packed", torch.zeros(-(-math.prod(shape) // 4), dtype=torch.uint8, device=device))
+    module.register_buffer(f"{name}_scale", torch.ones(num_scales, dtype=torch.float32, device=device))
+    module.weight_shapes[name] = shape
+
+
+class TernaryLinear(_BitLinearMath, nn.Module):
+    """Inference twin of ``BitLinear``: buffers ``weight_packed`` (uint8), ``weight_scale`` (1,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, norm: bool = True, device=None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_shapes: dict[str, tuple[int, ...]] = {}
+        _register_packed(self, "weight", (out_features, in_features), 1, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.norm = RMSNorm(in_features, device=device) if norm else None
+
+    def quantized_weight(self) -> torch.Tensor:
+        return _unpacked_weight(self, "weight")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed=2bit"
+
+
+class TernaryExperts(_BitExpertsMath, nn.Module):
+    """Inference twin of ``BitExperts``: ``w*_packed`` (uint8) and ``w*_scale`` (E,) buffers."""
+
+    def __init__(self, num_experts: int, d_in: int, d_expert: int, activation: str = "swiglu", norm: bool = True, device=None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.d_in = d_in
+        self.d_expert = d_expert
+        self.activation = activation
+        self.use_grouped_mm: bool | None = None
+        self.weight_shapes: dict[str, tuple[int, ...]] = {}
+        _register_packed(self, "w1", (num_experts, d_expert, d_in), num_experts, device)
+        if activation == "swiglu":
+            _register_packed(self, "w3", (num_experts, d_expert, d_in), num_experts, device)
+        _register_packed(self, "w2", (num_experts, d_in, d_expert), num_experts, device)
+        self.input_norm = RMSNorm(d_in, device=device) if norm else None
+        self.hidden_norm = RMSNorm(d_expert, device=device) if norm else None
+
+    def quantized_weights(self) -> dict[str, torch.Tensor]:
+        return {name: _unpacked_weight(self, name) for name in self.weight_shapes}
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_in={self.d_in}, d_expert={self.d_expert}, "
+            f"activation={self.activation!r}, packed=2bit"
+        )
+
+
+class TernaryRouter(_BitRouterMath, nn.Module):
+    """Inference twin of ``BitRouter``."""
+
+    def __init__(self, d_in: int, num_experts: int, top_k: int, normalize_top_k: bool, device=None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.normalize_top_k = normalize_top_k
+        self.weight_shapes: dict[str, tuple[int, ...]] = {}
+        _register_packed(self, "weight", (num_experts, d_in), 1, device)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return _unpacked_weight(self, "weight")
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` to a temporary sibling, then os.replace onto ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _atomic_write_bytes(path, write)
+
+
+def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    _atomic_write_bytes(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def _model_description(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    bitnet = getattr(model, "bitnet_config", None)
+    return {
+        "model_type": type(model).__name__,
+        "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
+        "bitnet": bitnet.to_dict() if hasattr(bitnet, "to_dict") else None,
+    }
+
+
+def _plain_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.to(dtype)
+    return t.to("cpu").contiguous().clone()
+
+
+def _quantized_entries(name: str, module: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], set[str]]:
+    """(manifest entry, packed tensors, state_dict keys they replace) of one quantised module."""
+    prefix = f"{name}." if name else ""
+    if isinstance(module, BitExperts):
+        names = ("w1", "w3", "w2") if module.activation == "swiglu" else ("w1", "w2")
+        entry = {
+            "kind": "experts", "num_experts": module.num_experts, "d_in": module.d_in,
+            "d_expert": module.d_expert, "activation": module.activation,
+            "norm": module.input_norm is not None,
+        }
+        per_expert = True
+    elif isinstance(module, BitRouter):
+        names = ("weight",)
+        entry = {
+            "kind": "router", "d_in": module.weight.shape[1], "num_experts": module.num_experts,
+            "top_k": module.top_k, "normalize_top_k": module.normalize_top_k,
+        }
+        per_expert = False
+    elif isinstance(module, BitLinear):
+        names = ("weight",)
+        entry = {
+            "kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
+            "bias": module.bias is not None, "norm": module.norm is not None,
+        }
+        per_expert = False
+    else:  # pragma: no cover - callers filter
+        raise TypeError(type(module).__name__)
+    tensors: dict[str, torch.Tensor] = {}
+    for weight_name in names:
+        w = getattr(module, weight_name)
+        codes, gamma = weight_quant_codes(w, per_expert=per_expert)
+        tensors[f"{prefix}{weight_name}_packed"] = pack_ternary(codes).cpu()
+        tensors[f"{prefix}{weight_name}_scale"] = gamma.float().reshape(-1).cpu().contiguous()
+        entry.setdefault("shapes", {})[weight_name] = list(w.shape)
+    return entry, tensors, {f"{prefix}{n}" for n in names}
+
+
+def export_ternary(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``model`` (converted with ``mhmoe.quant.to_bitnet``) as packed ternary weights.
+
+    ``dtype``: storage dtype of the full-precision tensors (embeddings, LM head, norms...);
+    float32 keeps the packed model's logits bit-identical to the fake-quant model's.
+    ``extra``: JSON-able data stored under "extra" in config.json (e.g. the run config).
+    Returns the manifest (config.json's content). The model is not modified.
+    """
+    dtype = _resolve_dtype(dtype)
+    quantized = {
+        name: m for name, m in model.named_modules() if isinstance(m, (BitLinear, BitExperts, BitRouter))
+    }
+    if not quantized:
+        raise ValueError(
+            "model has no BitNet module (BitLinear/BitExperts/BitRouter): convert it with "
+            "mhmoe.quant.to_bitnet and train it before a ternary export"
+        )
+    manifest_modules: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    replaced: set[str] = set()
+    for name, module in quantized.items():
+        entry, packed, keys = _quantized_entries(name, module)
+        manifest_modules[name] = entry
+        tensors.update(packed)
+        replaced |= keys
+    for key, value in model.state_dict().items():
+        if key not in replaced:
+            tensors[key] = _plain_tensor(value, dtype)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **_model_description(model),
+        "dtype": _dtype_name(dtype),
+        "packing": "ternary codes stored as w+1 in 2 bits, 4 per byte, element 4j+i in bits 2i..2i+1 "
+                   "of byte j, row-major, zero-padded; <module>.<W>_scale float32 absmean scales",
+        "quantized": manifest_modules,
+    }
+    if extra is not None:
+        manifest["extra"] = extra
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_safetensors(out / WEIGHTS_FILE, tensors, {"mhmoe_ternary": json.dumps(manifest)})
+    _atomic_json(out / CONFIG_FILE, manifest)
+    logger.info("ternary export: %d quantised modules, %s", len(quantized), out / WEIGHTS_FILE)
+    return manifest
+
+
+def export_plain(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``model.state_dict()`` (floating tensors in ``dtype``) as model.safetensors +
+    config.json (format "mhmoe-plain"); a BitNet model keeps its latent full-precision weights."""
+    dtype = _resolve_dtype(dtype)
+    tensors = {k: _plain_tensor(v, dtype) for k, v in model.state_dict().items()}
+    manifest = {"format": "mhmoe-plain", "format_version": 1, **_model_description(model),
+                "dtype": _dtype_name(dtype)}
+    if extra is not None:
+        manifest["extra"] = extra
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_safetensors(out / WEIGHTS_FILE, tensors, {"format": "pt"})
+    _atomic_json(out / CONFIG_FILE, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+
+
+def is_ternary_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder whose config.json has format "mhmoe-ternary"."""
+    try:
+        data = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of an export directory, checked to be a ternary export of a known version."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no {CONFIG_FILE} (not an export directory, or an incomplete one)")
+    manifest = json.loads(config_path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: format={manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path}: format_version={manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _ternary_module(name: str, entry: dict[str, Any], old: nn.Module) -> nn.Module:
+    kind = entry.get("kind")
+
+    def check(field: str, have: Any) -> None:
+        if have != entry[field]:
+            raise ValueError(f"module {name!r} has {field}={have}, the export has {field}={entry[field]}")
+
+    if kind == "linear":
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"module {name!r} is {type(old).__name__}, the export has a linear layer there")
+        check("in_features", old.in_features)
+        check("out_features", old.out_features)
+        return TernaryLinear(entry["in_features"], entry["out_features"], entry["bias"], entry["norm"], device="meta")
+    if kind == "experts":
+        if not isinstance(old, (Experts, TernaryExperts)):
+            raise ValueError(f"module {name!r} is {type(old).__name__}, the export has experts there")
+        for field in ("num_experts", "d_in", "d_expert", "activation"):
+            check(field, getattr(old, field))
+        new = TernaryExperts(entry["num_experts"], entry["d_in"], entry["d_expert"], entry["activation"], entry["norm"], device="meta")
+        new.use_grouped_mm = getattr(old, "use_grouped_mm", None)
+        return new
+    if kind == "router":
+        if not isinstance(old, TopKRouter):
+            raise ValueError(f"module {name!r} is {type(old).__name__}, the export has a router there")
+        check("num_experts", old.num_experts)
+        check("top_k", old.top_k)
+        return TernaryRouter(entry["d_in"], entry["num_experts"], entry["top_k"], entry["normalize_top_k"], device="meta")
+    raise ValueError(f"module {name!r}: unknown quantised kind {kind!r} (linear, experts, router)")
+
+
+def _build_model(manifest: dict[str, Any]) -> nn.Module:
+    if manifest.get("model_type") != "TransformerLM" or manifest.get("model_config") is None:
+        raise ValueError(
+            f"export holds a {manifest.get('model_type')!r} without a rebuildable model config: "
+            "pass model=<a module of the same architecture> to load_ternary"
+        )
+    from mhmoe.model import ModelConfig, TransformerLM
+
+    with torch.device("meta"):
+        return TransformerLM(ModelConfig.from_dict(manifest["model_config"]))
+
+
+def load_ternary(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a ternary export as an eval-mode model with packed 2-bit weights.
+
+    ``model``: a module of the exported architecture (full precision or BitNet-converted; its
+    quantised submodules are replaced, everything else is overwritten from the file). When None,
+    the ``TransformerLM`` is rebuilt from config.json on the meta device (no full-precision
+    weights are ever allocated). Raises ValueError on a missing or unexpected key or an invalid
+    packed tensor.
+    """
+    manifest = read_manifest(path)
+    if model is None:
+        model = _build_model(manifest)
+    for name, entry in manifest["quantized"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"export quantises module {name!r}, which the model lacks") from None
+        new = _ternary_module(name, entry, old)
+        if name == "":
+            model = new
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt", device="cpu") as fh:
+        for key in fh.keys():
+            state[key] = fh.get_tensor(key)
+    for name, entry in manifest["quantized"].items():
+        prefix = f"{name}." if name else ""
+        for weight_name, shape in entry["shapes"].items():
+            key = f"{prefix}{weight_name}_packed"
+            if key not in state:
+                raise ValueError(f"{WEIGHTS_FILE} lacks {key!r}")
+            unpack_ternary(state[key], shape)  # validates length and codes once
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{WEIGHTS_FILE} does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    current = model.state_dict()
+    for key, tensor in state.items():
+        if tuple(current[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{WEIGHTS_FILE}: {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current[key].shape)}"
+            )
+    model.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ValueError(f"tensors not in the export stay uninitialised: {leftover[:10]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if manifest.get("bitnet") is not None:
+        from mhmoe.quant import BitNetConfig
+
+        model.bitnet_config = BitNetConfig.from_dict(manifest["bitnet"])
+    return model.to(device).eval()
+
+
+def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(eval-mode model, tokenizer or None, manifest) of an ``mhmoe export --ternary`` folder.
+
+    The tokenizer is OUT/tokenizer.json (copied from the run by the CLI) loaded with
+    ``mhmoe.data.load_tokenizer``; None when the folder has none. The same triple as
+    ``mhmoe.checkpoint.load_run``, with the manifest in place of the run config (the run config
+    is ``manifest["extra"]["run_config"]`` for CLI exports).
+    """
+    model = load_ternary(path, device=device)
+    manifest = read_manifest(path)
+    tokenizer = None
+    tokenizer_path = Path(path) / "tokenizer.json"
+    if tokenizer_path.is_file():
+        from mhmoe.data import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path)
+    return model, tokenizer, manifest
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (resident weights; shared counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr() if not t.is_meta else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
