@@ -12,6 +12,10 @@ from mhmoe.layers.feed_forward import FeedForward
 from mhmoe.layers.mh_moe import MHMoE, MoE, build_ffn
 from mhmoe.layers.moe import MoEAux
 
+# Registers the config and model with transformers' Auto classes once transformers is imported
+# (an import hook: `import mhmoe` never imports transformers itself, and works without it).
+from mhmoe import hf as _hf  # noqa: F401,E402
+
 __version__ = "0.1.0"
 
 __all__ = [

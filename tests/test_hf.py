@@ -1,0 +1,381 @@
+"""Hugging Face integration: export folders, Auto classes, cached generation, BitNet, lm-eval.
+
+One tiny MH-MoE run (2 steps, trained through the CLI) and its export are shared by the module.
+Tests that need transformers / lm-eval skip when those optional extras are missing; the
+export and ``mhmoe generate`` tests need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mhmoe.checkpoint import load_run
+from mhmoe.cli import main
+from mhmoe.hf_export import (
+    REQUIRED_FILES,
+    ExportError,
+    check_export_dir,
+    export_model,
+    load_hf_export,
+)
+from mhmoe.model import ModelConfig, TransformerLM, lm_loss
+
+WORDS = "the sea is calm and blue ships sail over waves under a bright sky while birds fly home".split()
+
+
+def _text(lines: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return "\n".join(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))).capitalize() + "."
+        for _ in range(lines)
+    ) + "\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hf")
+    data = root / "data.txt"
+    data.write_text(_text(300), encoding="utf-8")
+    out = root / "run"
+    threads = torch.get_num_threads()  # training sets the process-wide thread count
+    try:
+        code = main(["train", "--preset", "tiny", "--variant", "mhmoe_h2", "--max-steps", "2",
+                     "--data", str(data), "--out", str(out), "--quiet", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir) -> Path:
+    out = run_dir.parent / "export"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_model(run_dir):
+    model, tokenizer, _ = load_run(run_dir)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """transformers with the mhmoe classes registered."""
+    transformers = pytest.importorskip("transformers")
+    import mhmoe.hf
+
+    mhmoe.hf.register()
+    return transformers
+
+
+def _ids(tokenizer, text: str = "The sea is calm and blue ships sail over the waves") -> torch.Tensor:
+    return torch.tensor([tokenizer.encode(text)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Export folder (no transformers needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_export_writes_a_complete_folder_atomically(run_dir, export_dir, run_model):
+    names = sorted(p.name for p in export_dir.iterdir())
+    assert names == sorted([*REQUIRED_FILES, "generation_config.json"])
+    config = check_export_dir(export_dir)
+    assert config["model_type"] == "mhmoe" and config["architectures"] == ["MHMoEForCausalLM"]
+    tokenizer = run_model[1]
+    assert config["eos_token_id"] == config["bos_token_id"] == tokenizer.eot_id
+    assert config["mhmoe_export"]["checkpoint"] == "step_00000002"
+    tok_config = json.loads((export_dir / "tokenizer_config.json").read_text())
+    assert tok_config["eos_token"] == tok_config["bos_token"] == "<|endoftext|>"
+    # Re-exporting replaces the earlier export; no temporary folders are left behind.
+    assert main(["export", str(run_dir), str(export_dir)]) == 0
+    assert not [p.name for p in export_dir.parent.iterdir() if p.name.startswith(".")]
+    # A folder that is not an export is never overwritten.
+    other = export_dir.parent / "not-an-export"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="refusing to overwrite"):
+        export_model(run_model[0], tokenizer, other)
+    assert (other / "notes.txt").read_text() == "keep me"
+    assert main(["export", str(run_dir), str(other)]) == 2
+
+
+def test_transformers_free_loader_reproduces_the_run(export_dir, run_model):
+    model, tokenizer = run_model
+    loaded, loaded_tokenizer, _ = load_hf_export(export_dir)
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded_tokenizer.encode("The sea") == tokenizer.encode("The sea")
+
+
+def test_missing_files_give_a_clear_error(export_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing model\.safetensors, tokenizer\.json"):
+        load_hf_export(broken)
+    assert main(["generate", str(broken), "--prompt", "The"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_cli_generate_streams_from_run_and_export(run_dir, export_dir, capsys):
+    common = ["--prompt", "The sea", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(["generate", str(run_dir), *common]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", str(export_dir), *common, "--no-cache"]) == 0
+    from_export = capsys.readouterr().out
+    assert from_run.startswith("The sea") and from_run == from_export
+    sampled = ["--prompt", "The", "--max-new-tokens", "8", "--top-k", "5", "--seed", "3"]
+    assert main(["generate", str(export_dir), *sampled]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", str(export_dir), *sampled]) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_transformers_free_cached_decoding_matches_full_recompute(run_model):
+    from mhmoe.hf.decoding import generate_tokens
+
+    model, tokenizer = run_model
+    prompt = [tokenizer.eot_id, *tokenizer.encode("The sea")]
+    cached = list(generate_tokens(model, prompt, 20, temperature=0))
+    full = list(generate_tokens(model, prompt, 20, temperature=0, use_cache=False))
+    assert cached == full and len(cached) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_auto_classes_load_the_export_with_identical_logits(hf, export_dir, run_model):
+    model, tokenizer = run_model
+    hf_model = hf.AutoModelForCausalLM.from_pretrained(export_dir)  # no trust_remote_code
+    assert type(hf_model).__name__ == "MHMoEForCausalLM" and not hf_model.training
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(hf_model(ids).logits, model(ids).logits)
+    hf_tokenizer = hf.AutoTokenizer.from_pretrained(export_dir)
+    assert isinstance(hf_tokenizer, hf.PreTrainedTokenizerFast)
+    assert hf_tokenizer.eos_token == hf_tokenizer.bos_token == "<|endoftext|>"
+    assert hf_tokenizer("The sea")["input_ids"] == tokenizer.encode("The sea")
+    assert hf.AutoConfig.from_pretrained(export_dir).to_model_config() == model.config
+
+
+def test_generate_with_and_without_cache_is_identical(hf, export_dir):
+    model = hf.AutoModelForCausalLM.from_pretrained(export_dir)
+    tok = hf.AutoTokenizer.from_pretrained(export_dir)
+    single = tok("The sea", return_tensors="pt")
+    batch = tok(["The sea", "Birds fly home under a bright"], return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0  # left padding
+    for inputs in (single, batch):
+        cached = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=12, do_sample=False, use_cache=False)
+        assert torch.equal(cached, uncached)
+    # The padded row continues exactly as the same prompt alone.
+    alone = model.generate(**tok("The sea", return_tensors="pt"), max_new_tokens=12, do_sample=False)
+    padded = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    assert padded[0, -12:].tolist() == alone[0, -12:].tolist()
+
+
+def test_loss_and_routing_outputs(hf, export_dir, run_model):
+    model, tokenizer = run_model
+    hf_model = hf.AutoModelForCausalLM.from_pretrained(export_dir)
+    first, second = _ids(tokenizer), _ids(tokenizer, "Ships sail over waves while birds fly home.")
+    length = min(first.shape[1], second.shape[1])
+    ids = torch.cat([first[:, :length], second[:, :length]])
+    with torch.no_grad():
+        reference = model(ids)
+        plain = hf_model(ids, labels=ids)  # eval mode: no routing outputs, no aux loss
+        routed = hf_model(ids, labels=ids, output_router_logits=True)
+        labels = ids.clone()
+        labels[:, :5] = -100
+        masked = hf_model(ids, labels=labels)
+    assert plain.aux_loss is None and plain.router_logits is None
+    expected = lm_loss(reference.logits[:, :-1], ids[:, 1:])
+    torch.testing.assert_close(plain.loss, expected)
+    torch.testing.assert_close(routed.aux_loss, reference.aux_loss)
+    torch.testing.assert_close(routed.loss, expected + reference.aux_loss)
+    torch.testing.assert_close(masked.loss, lm_loss(reference.logits[:, 4:-1], ids[:, 5:]))
+    moe = model.config.moe_ffn
+    batch, seq = ids.shape
+    assert len(routed.router_logits) == model.config.num_moe_layers == len(reference.moe_aux)
+    for logits, expert_ids, counts, aux in zip(routed.router_logits, routed.expert_ids,
+                                               routed.tokens_per_expert, reference.moe_aux):
+        assert logits.shape == (batch, seq, moe.num_heads, moe.num_experts)
+        assert expert_ids.shape == (batch, seq, moe.num_heads, moe.top_k)
+        assert torch.equal(expert_ids.reshape(-1, moe.top_k), aux.expert_ids)
+        assert torch.equal(logits.topk(moe.top_k, dim=-1).indices, expert_ids)
+        assert int(counts.sum()) == batch * seq * moe.num_heads * moe.top_k
+
+
+def test_import_hook_registers_when_transformers_is_first_imported(hf, export_dir):
+    code = textwrap.dedent(f"""
+        import sys
+        import mhmoe.hf
+        assert mhmoe.hf.install_import_hook()
+        assert "transformers" not in sys.modules
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(export_dir)!r})
+        print(type(model).__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("MHMoEForCausalLM")
+
+
+def test_in_memory_conversion_tied_embeddings_and_save_pretrained(hf, run_model, tmp_path):
+    from mhmoe.config import DenseConfig, MoEConfig
+    from mhmoe.hf import MHMoEForCausalLM
+
+    tokenizer = run_model[1]
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, d_model=32, num_layers=2, num_attention_heads=2, max_seq_len=24,
+        dense_ffn=DenseConfig(d_model=32, d_ff=64),
+        moe_ffn=MoEConfig(d_model=32, num_experts=4, top_k=1, d_expert=16),  # SMoE, h = 1
+        tie_embeddings=True,
+    )
+    lm = TransformerLM(config).eval()
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        reference = lm(ids).logits
+        converted = MHMoEForCausalLM.from_mhmoe(lm)
+        assert converted.lm_head.weight is converted.model.embed_tokens.weight
+        assert torch.equal(converted(ids).logits, reference)
+        assert torch.equal(converted.to_mhmoe()(ids).logits, reference)
+        export_model(lm, tokenizer, tmp_path / "export")
+        loaded = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert torch.equal(loaded(ids).logits, reference)
+        loaded.save_pretrained(tmp_path / "saved")
+        assert (tmp_path / "saved" / "model.safetensors").is_file()
+        assert torch.equal(hf.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(ids).logits, reference)
+
+
+def test_fresh_model_initialisation_and_config_validation(hf):
+    from mhmoe.hf import MHMoEConfig, MHMoEForCausalLM
+
+    config = MHMoEConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+        moe_ffn={"kind": "moe", "d_model": 16, "num_experts": 4, "top_k": 2, "d_expert": 8, "num_heads": 2},
+    )
+    model = MHMoEForCausalLM(config)
+    experts = model.model.layers[1].ffn.experts
+    for weight in (experts.w1, experts.w3, experts.w2):
+        assert weight.abs().max() <= weight.shape[-1] ** -0.5 and weight.std() > 0
+    assert torch.equal(model.model.norm.weight, torch.ones(16))
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    with pytest.raises(ValueError, match=r"d_model=16 is not divisible by num_attention_heads=3"):
+        MHMoEConfig(hidden_size=16, num_attention_heads=3)
+
+
+def test_bitnet_export_round_trip(hf, run_model, tmp_path):
+    quant = pytest.importorskip("mhmoe.quant")
+    if not hasattr(quant, "apply_bitnet"):
+        pytest.skip("mhmoe.quant.apply_bitnet is not available")
+    base, tokenizer = run_model
+    lm = quant.apply_bitnet(TransformerLM(base.config), True)
+    lm.load_state_dict(base.state_dict(), strict=False)  # missing: only the inner norm gains (1)
+    lm.eval()
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        reference = lm(ids).logits
+        export_model(lm, tokenizer, tmp_path / "bitnet")
+        config = json.loads((tmp_path / "bitnet" / "config.json").read_text())
+        assert config["bitnet"] == lm.bitnet_config.to_dict()
+        loaded = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "bitnet")
+        assert quant.bitnet_modules(loaded.model) and type(loaded.lm_head) is torch.nn.Linear
+        assert torch.equal(loaded(ids).logits, reference)
+        loaded.save_pretrained(tmp_path / "saved")
+        again = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+        assert torch.equal(again(ids).logits, reference)
+        assert torch.equal(load_hf_export(tmp_path / "bitnet")[0](ids).logits, reference)
+
+
+def test_from_pretrained_names_missing_weights(hf, export_dir, tmp_path):
+    broken = tmp_path / "no-weights"
+    shutil.copytree(export_dir, broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"missing model\.safetensors.*safetensors only"):
+        hf.AutoModelForCausalLM.from_pretrained(broken)
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lm_eval_rolling_loglikelihood_offline(hf, export_dir, run_model, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs lm-eval[hf] (accelerate)")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    docs = ["The sea is calm.", "Birds fly home under a bright sky.", "Ships sail over waves and the sea is blue."]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_text.yaml").write_text(textwrap.dedent(f"""\
+        task: mhmoe_tiny_text
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+          cache_dir: {tmp_path / "datasets"}
+        output_type: loglikelihood_rolling
+        test_split: test
+        doc_to_text: ""
+        doc_to_target: "{{{{text}}}}"
+        metric_list:
+          - metric: word_perplexity
+          - metric: byte_perplexity
+          - metric: bits_per_byte
+        metadata:
+          version: 1.0
+        """))
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(export_dir), "dtype": "float32"},
+        tasks=["mhmoe_tiny_text"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        batch_size=1,
+        device="cpu",
+        bootstrap_iters=0,
+        log_samples=False,
+    )
+    metrics = results["results"]["mhmoe_tiny_text"]
+    # The same numbers by hand: every document fits one window, conditioned on <|endoftext|>.
+    model, tokenizer = run_model
+    total_ll, words, num_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for doc in docs:
+            ids = [tokenizer.eot_id, *tokenizer.encode(doc)]
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+            total_ll += float(logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum())
+            words += len(doc.split())
+            num_bytes += len(doc.encode("utf-8"))
+    assert metrics["bits_per_byte,none"] == pytest.approx(-total_ll / num_bytes / math.log(2), rel=1e-4)
+    assert metrics["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
+    assert metrics["byte_perplexity,none"] == pytest.approx(math.exp(-total_ll / num_bytes), rel=1e-4)
