@@ -1,0 +1,376 @@
+"""Run directories and checkpoints: atomic, checksummed, loadable without pickle.
+
+Layout of a run directory (``mhmoe train --out RUN_DIR``)::
+
+    RUN_DIR/
+      config.json                 the run config: model, training, data, variant, preset
+                                  (everything to rebuild the model and rerun; see RUN_FORMAT)
+      tokenizer.json              the tokenizer (Hugging Face ``tokenizers`` JSON)
+      metrics.jsonl               one JSON object per line: training lines {"step", "loss", ...},
+                                  evaluation lines {"step", "eval/<name>/ppl", "eval/<name>/bpb", ...}
+      checkpoints/
+        latest                    the name of the newest complete checkpoint ("step_00000100")
+        step_00000100/
+          model.safetensors       model weights (state_dict, float32 on CPU)
+          optimizer.pt            {"optimizer": optimizer.state_dict()}; torch.save, read only
+                                  with torch.load(weights_only=True)
+          rng.safetensors         torch CPU (and CUDA) generator states
+          state.json              step, tokens seen, data-sampler state, python/numpy RNG
+                                  states, finished flag, and the sha256 of the three files above
+
+Writes are atomic: each file goes to a hidden temporary file in its destination folder, is
+fsynced, then ``os.replace``d into place; ``state.json`` (holding the checksums) is written after
+the files it describes and ``latest`` is updated last, so a crash at any point leaves the
+previous checkpoint as ``latest``. Loading verifies the checksums and raises
+``CheckpointError`` (a ``ValueError``) naming the file on any mismatch.
+
+``load_run(run_dir, step=None)`` is the public entry point for later tools (evaluation,
+exports, analytics): it returns the model (weights from safetensors only), the tokenizer and
+the run config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from mhmoe.model import ModelConfig, TransformerLM
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "CONFIG_FILE",
+    "CheckpointError",
+    "LATEST_FILE",
+    "METRICS_FILE",
+    "RUN_FORMAT",
+    "TOKENIZER_FILE",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "capture_rng_state",
+    "checkpoint_dir",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_model_weights",
+    "load_optimizer_state",
+    "load_run",
+    "read_checkpoint_state",
+    "read_run_config",
+    "restore_rng_state",
+    "save_checkpoint",
+    "sha256_bytes",
+]
+
+RUN_FORMAT = "mhmoe-run/1"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+CHECKPOINT_FORMAT = "mhmoe-checkpoint/1"
+_CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or corrupted checkpoint (the message names the file)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states (torch CPU/CUDA, python random, numpy's legacy global generator)
+# ---------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensor states for rng.safetensors, JSON-able states for state.json)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    json_states = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, json_states
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], json_states: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    version, internal, gauss = json_states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = json_states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint folder holding a state.json, by step."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _CHECKPOINT_NAME.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The folder named by ``checkpoints/latest`` (None when the run has no checkpoint)."""
+    pointer = Path(run_dir) / CHECKPOINTS_DIR / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not _CHECKPOINT_NAME.match(name):
+        raise CheckpointError(f"{pointer}: holds {name!r}, expected a checkpoint name like step_00000100")
+    folder = pointer.parent / name
+    if not (folder / STATE_FILE).is_file():
+        raise CheckpointError(f"{pointer}: names {name}, but {folder / STATE_FILE} does not exist")
+    return folder
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint ``step`` (layout in the module docstring), then point ``latest`` at it.
+
+    ``state`` (JSON-able: tokens seen, sampler state, ...) is stored in state.json together with
+    the step, the RNG states and the checksums. ``keep`` (None: all) removes the oldest
+    checkpoints beyond that number once ``latest`` is updated.
+    """
+    folder = checkpoint_dir(run_dir, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_state = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()}
+    blobs: dict[str, bytes] = {
+        MODEL_FILE: safetensors_save(model_state, metadata={"format": "pt", "step": str(step)})
+    }
+    if optimizer is not None:
+        buffer = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict()}, buffer)
+        blobs[OPTIMIZER_FILE] = buffer.getvalue()
+    rng_tensors, rng_json = capture_rng_state()
+    blobs[RNG_FILE] = safetensors_save(rng_tensors)
+    files = {}
+    for name, data in blobs.items():
+        atomic_write_bytes(folder / name, data)
+        files[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        **state,
+        "step": step,
+        "rng": rng_json,
+        "files": files,
+    }
+    atomic_write_json(folder / STATE_FILE, record)
+    atomic_write_text(Path(run_dir) / CHECKPOINTS_DIR / LATEST_FILE, folder.name + "\n")
+    if keep is not None:
+        for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    logger.debug("saved checkpoint %s", folder)
+    return folder
+
+
+def read_checkpoint_state(folder: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder (format checked)."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {folder} is not a complete checkpoint")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an mhmoe checkpoint state (format {CHECKPOINT_FORMAT!r} expected)")
+    return state
+
+
+def _read_verified(folder: Path, name: str, state: dict[str, Any]) -> bytes:
+    path = Path(folder) / name
+    entry = state.get("files", {}).get(name)
+    if entry is None:
+        raise CheckpointError(f"{path}: not listed in {Path(folder) / STATE_FILE}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (listed in {STATE_FILE})")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != entry["sha256"]:
+        raise CheckpointError(
+            f"{path}: checksum mismatch (sha256 {digest[:16]}..., {STATE_FILE} records "
+            f"{entry['sha256'][:16]}...): the file is corrupted or was modified"
+        )
+    return data
+
+
+def load_model_weights(folder: Path, model: torch.nn.Module, state: dict[str, Any] | None = None) -> None:
+    """Load model.safetensors (checksum verified) into ``model`` (strict)."""
+    state = read_checkpoint_state(folder) if state is None else state
+    tensors = safetensors_load(_read_verified(folder, MODEL_FILE, state))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{Path(folder) / MODEL_FILE}: does not fit the model (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+
+
+def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any] | None = None) -> None:
+    """Load optimizer.pt (checksum verified) with ``torch.load(weights_only=True)``."""
+    state = read_checkpoint_state(folder) if state is None else state
+    data = _read_verified(folder, OPTIMIZER_FILE, state)
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(payload["optimizer"])
+
+
+def load_rng_state(folder: Path, state: dict[str, Any] | None = None) -> None:
+    """Restore the RNG states saved with a checkpoint (checksum verified)."""
+    state = read_checkpoint_state(folder) if state is None else state
+    tensors = safetensors_load(_read_verified(folder, RNG_FILE, state))
+    restore_rng_state(tensors, state["rng"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """config.json of a run directory (format checked)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {run_dir} is not an mhmoe run directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path}: not an mhmoe run config (format {RUN_FORMAT!r} expected)")
+    return config
+
+
+def resolve_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    """The checkpoint folder of ``step`` (None: ``latest``); CheckpointError when absent."""
+    if step is None:
+        folder = latest_checkpoint(run_dir)
+        if folder is None:
+            raise CheckpointError(f"{run_dir}: has no checkpoint yet ({CHECKPOINTS_DIR}/{LATEST_FILE} missing)")
+        return folder
+    folder = checkpoint_dir(run_dir, step)
+    if not (folder / STATE_FILE).is_file():
+        available = ", ".join(str(s) for s, _ in list_checkpoints(run_dir)) or "none"
+        raise CheckpointError(f"{run_dir}: no checkpoint at step {step} (available steps: {available})")
+    return folder
+
+
+def load_run(
+    run_dir: Path | str,
+    step: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[TransformerLM, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, run config) of a run; weights from safetensors only.
+
+    ``step`` None loads the ``latest`` checkpoint. The tokenizer is RUN_DIR/tokenizer.json
+    loaded with ``mhmoe.data.load_tokenizer``.
+    """
+    from mhmoe.data import load_tokenizer
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    model_config = ModelConfig.from_dict(config["model"])
+    folder = resolve_checkpoint(run_dir, step)
+    model = TransformerLM(model_config)
+    load_model_weights(folder, model)
+    model.to(device)
+    model.eval()
+    tokenizer_path = run_dir / TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise CheckpointError(f"{tokenizer_path}: missing; the run's tokenizer is needed to evaluate it")
+    tokenizer = load_tokenizer(tokenizer_path)
+    return model, tokenizer, config

@@ -1,0 +1,263 @@
+"""Training: schedules, configs, checkpoints (atomic, checksummed, pickle-free loading),
+resumption that reproduces an uninterrupted run exactly, and the reloaded model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mhmoe import checkpoint as ckpt
+from mhmoe.cli import main
+from mhmoe.model import TransformerLM
+from mhmoe.presets import model_config
+from mhmoe.train import (
+    MetricsLog,
+    RunOptions,
+    TrainConfig,
+    build_optimizer,
+    learning_rate,
+    read_metrics,
+    run_training,
+)
+
+WORDS = (
+    "the a model expert router token head merge layer sparse dense mixture of heads learns "
+    "routes each sub token to experts and merges them back into one vector per position"
+).split()
+
+
+def write_corpus(folder: Path, documents: int = 60, words: int = 700, seed: int = 0) -> Path:
+    """A small synthetic corpus: one .txt file per document, deterministic."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(documents):
+        sentences = []
+        for _ in range(words // 10):
+            sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14)))
+            sentences.append(sentence.capitalize() + ".")
+        (folder / f"doc{index:03d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "text")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """One token cache + tokenizer for every run of this module."""
+    return tmp_path_factory.mktemp("data")
+
+
+def train_args(corpus: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--preset", "tiny", "--variant", "mhmoe_h2", "--data", str(corpus),
+        "--data-dir", str(data_dir), "--quiet", "--threads", "1", "--out", str(out), *extra,
+    ]
+
+
+def training_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def eval_lines(run_dir: Path) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if k.startswith("eval/") or k == "step"}
+        for r in read_metrics(run_dir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and configs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_polynomial_schedule_warms_up_then_decays_linearly_to_zero():
+    config = TrainConfig(total_steps=100, batch_size=2, seq_len=8, lr=1.0, warmup_steps=10)
+    assert learning_rate(1, config) == pytest.approx(0.1)
+    assert learning_rate(10, config) == pytest.approx(1.0)
+    assert learning_rate(55, config) == pytest.approx(0.5)
+    assert learning_rate(100, config) == pytest.approx(0.0)
+
+
+def test_cosine_and_constant_schedules():
+    cosine = TrainConfig(total_steps=110, batch_size=2, seq_len=8, lr=1.0, warmup_steps=10,
+                         schedule="cosine", end_lr=0.1)
+    assert learning_rate(60, cosine) == pytest.approx(0.55)
+    assert learning_rate(110, cosine) == pytest.approx(0.1)
+    constant = cosine.replace(schedule="constant")
+    assert learning_rate(80, constant) == 1.0
+
+
+def test_default_hyperparameters_are_the_authors():
+    config = TrainConfig(total_steps=100, batch_size=2, seq_len=8, lr=1e-3, warmup_steps=10)
+    assert (config.beta1, config.beta2, config.weight_decay, config.clip_grad_norm) == (0.9, 0.98, 0.01, 2.0)
+    assert config.schedule == "polynomial" and config.eval_fractions == (0.5, 1.0)
+    assert config.eval_steps() == [50, 100]
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(total_steps=0), "total_steps=0"),
+        (dict(lr=0.0), "lr=0.0"),
+        (dict(warmup_steps=100), "warmup_steps=100"),
+        (dict(micro_batch_size=3), "multiple of micro_batch_size=3"),
+        (dict(schedule="linear"), "schedule='linear'"),
+        (dict(beta2=1.0), "beta2=1.0"),
+        (dict(precision="fp8"), "precision='fp8'"),
+        (dict(eval_fractions=(0.5, 1.5)), "eval_fractions=1.5"),
+    ],
+)
+def test_train_config_validation(changes, message):
+    fields = dict(total_steps=100, batch_size=4, seq_len=8, lr=1e-3, warmup_steps=10)
+    fields.update(changes)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
+
+
+def test_weight_decay_skips_norms():
+    model = TransformerLM(model_config("tiny", "smoe"))
+    config = TrainConfig(total_steps=10, batch_size=2, seq_len=8, lr=1e-3, warmup_steps=1)
+    decay, no_decay = build_optimizer(model, config).param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in no_decay["params"]) and len(no_decay["params"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_is_atomic_and_verified(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = TransformerLM(model_config("tiny", "mhmoe_h3"))
+    config = TrainConfig(total_steps=10, batch_size=2, seq_len=8, lr=1e-3, warmup_steps=1)
+    optimizer = build_optimizer(model, config)
+    out = model(torch.randint(0, 100, (2, 8)))
+    (out.logits.mean() + out.aux_loss).backward()
+    optimizer.step()
+    folder = ckpt.save_checkpoint(tmp_path, 3, model, optimizer, {"tokens": 48, "sampler": {}})
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.pt", "rng.safetensors", "state.json"]
+    assert not list(tmp_path.rglob("*.tmp"))  # no temporary files left behind
+
+    reloaded = TransformerLM(model_config("tiny", "mhmoe_h3"))
+    ckpt.load_model_weights(folder, reloaded)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    # The optimizer state is loaded only with weights_only=True.
+    calls = []
+    original = torch.load
+
+    def spying_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spying_load)
+    optimizer2 = build_optimizer(reloaded, config)
+    ckpt.load_optimizer_state(folder, optimizer2)
+    assert calls == [True]
+    assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+    # A flipped byte is reported with the file's name.
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors: checksum mismatch"):
+        ckpt.load_model_weights(folder, reloaded)
+
+
+def test_rng_states_round_trip():
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    tensors, states = ckpt.capture_rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    ckpt.restore_rng_state(tensors, json.loads(json.dumps(states)))
+    actual = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(actual[0], expected[0]) and actual[1:] == expected[1:]
+
+
+def test_metrics_truncation_drops_lines_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    MetricsLog.truncate_after(path, 4)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end (tiny preset, CLI main)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(corpus, data_dir, tmp_path):
+    full = tmp_path / "full"
+    assert main(train_args(corpus, data_dir, full, "--max-steps", "8")) == 0
+
+    split = tmp_path / "split"
+    assert main(train_args(corpus, data_dir, split, "--max-steps", "8", "--save-every", "2", "--stop-at-step", "5")) == 0
+    assert ckpt.latest_checkpoint(split).name == "step_00000005"
+    state = ckpt.read_checkpoint_state(ckpt.latest_checkpoint(split))
+    assert state["step"] == 5 and not state["finished"]
+    # A crash after step 5 may leave lines of steps that no checkpoint covers: resume drops them.
+    with open(split / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
+    assert main(train_args(corpus, data_dir, split, "--max-steps", "8", "--save-every", "2", "--resume")) == 0
+
+    assert training_losses(split) == training_losses(full)  # bit-identical
+    assert eval_lines(split) == eval_lines(full)
+    assert [s for s, _ in training_losses(full)] == list(range(1, 9))
+    final = ckpt.read_checkpoint_state(ckpt.latest_checkpoint(split))
+    assert final["finished"] and final["step"] == 8
+
+    # Resuming a finished run does nothing; without --resume an existing run is refused.
+    assert main(train_args(corpus, data_dir, split, "--max-steps", "8", "--save-every", "2", "--resume")) == 0
+    assert training_losses(split) == training_losses(full)
+    assert main(train_args(corpus, data_dir, split, "--max-steps", "8")) == 2
+    # Changing a setting that changes the results is refused on resume.
+    assert main(train_args(corpus, data_dir, split, "--max-steps", "9", "--resume")) == 2
+
+
+def test_trained_model_reloads_with_identical_logits(corpus, data_dir, tmp_path):
+    options = RunOptions(
+        out=tmp_path / "run", preset="tiny", variant="fine_grained.head_merge.shared",
+        data=[str(corpus)], data_dir=data_dir, max_steps=4, quiet=True, threads=1,
+    )
+    result = run_training(options)
+    assert result.loop.finished and result.loop.step == 4
+    model, tokenizer, config = ckpt.load_run(result.run_dir)
+    assert config["variant"] == "fine_grained.head_merge.shared"
+    assert tokenizer.vocab_size == model.config.vocab_size
+    ids = torch.tensor([tokenizer.encode("the router learns to merge experts")])
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, result.model(ids).logits, rtol=0, atol=0)
+    # Earlier checkpoints (the 50% evaluation) load too.
+    model_half, _, _ = ckpt.load_run(result.run_dir, step=2)
+    assert not torch.equal(model_half.embed.weight, model.embed.weight)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint at step 3"):
+        ckpt.load_run(result.run_dir, step=3)
+
+
+def test_loss_falls_with_gradient_accumulation(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(corpus, data_dir, out, "--max-steps", "16", "--batch-size", "8", "--micro-batch-size", "4",
+                      "--variant", "smoe")
+    assert main(args) == 0
+    losses = [loss for _, loss in training_losses(out)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["micro_batch_size"] == 4 and config["train"]["batch_size"] == 8
+    assert config["variant"] == "smoe"
