@@ -52,7 +52,7 @@ import torch
 
 from mhmoe import checkpoint as ckpt
 from mhmoe.evaluate import EvalResult, autocast_context, evaluate_sets, metrics_line, token_byte_lengths
-from mhmoe.model import ModelConfig, TransformerLM, lm_loss
+from mhmoe.model import TransformerLM, lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -626,7 +626,7 @@ def _progress_bar(total: int, initial: int, quiet: bool, label: str):
         return _NullProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=label, unit="step", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -877,6 +877,11 @@ def run_training(options: RunOptions) -> RunResult:
     with distributed.main_rank_first(context):  # rank 0 builds the caches, the others reuse them
         data = prepare_run_data(settings, data_dir, tokenizer_path)
     tokenizer = data.tokenizer
+    epochs = train_config.total_tokens / max(1, data.train.n_tokens)
+    if epochs > 1:
+        logger.warning("the budget of %s tokens is %.1f passes over the %s training tokens; "
+                       "pass more text with --data for a single pass",
+                       f"{train_config.total_tokens:,}", epochs, f"{data.train.n_tokens:,}")
     if tokenizer_path is None and context.is_main:
         tokenizer.save(run_tokenizer)  # the run folder is self-contained
 

@@ -63,6 +63,9 @@ class MHMoE(nn.Module):
         self.num_heads = num_heads
         self.d_sub = d_model // num_heads
         self.capacity_factor = capacity_factor
+        # The dispatch (x_NS, router, experts, capacity_factor) -> (y_NS, aux): the hook where
+        # mhmoe.distributed installs expert parallelism without touching this module.
+        self.dispatch_fn = moe_dispatch
         # Step 1, head layer W_head in R^{D x D}. Initialisation after the authors' code:
         # xavier-uniform, gain 1/sqrt(2) on the head layer.
         self.head = nn.Linear(d_model, d_model, bias=bias) if head_layer else None
@@ -125,7 +128,7 @@ class MHMoE(nn.Module):
         return y_TD.reshape(x.shape), aux
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        return self._forward(x, moe_dispatch)
+        return self._forward(x, self.dispatch_fn)
 
     def forward_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """The same layer with the plain per-expert loop dispatch (tests, peer benchmarks)."""
