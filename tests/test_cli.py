@@ -150,3 +150,36 @@ def test_eval_errors(tmp_path, trained_run, capsys):
     assert "no such run directory" in capsys.readouterr().err
     assert main(["eval", str(trained_run), "--step", "7"]) == 2
     assert "no checkpoint at step 7" in capsys.readouterr().err
+
+
+def test_reproduce_seeds_and_shared_expert(corpus, tmp_path, capsys):
+    out = tmp_path / "repro"
+    code = main(["reproduce", "--preset", "tiny", "--data", str(corpus), "--variants", "smoe", "mhmoe_h2",
+                 "--shared-expert", "--seeds", "2", "--tokens", "512", "--eval-points", "2",
+                 "--quiet", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in results["variants"]] == ["smoe.shared", "mhmoe_h2.shared"]
+    assert results["seeds"] == [0, 1]
+    for variant in results["variants"]:
+        assert len(variant["ppl"]["heldout"]["100%"]["values"]) == 2
+        assert variant["experts"]["shared_d_ff"] == 128
+    assert " ± " in (out / "results.md").read_text()
+    # A rerun reads the finished runs back instead of training again.
+    before = (out / "runs" / "smoe.shared" / "seed1" / "metrics.jsonl").read_text()
+    assert main(["reproduce", "--preset", "tiny", "--data", str(corpus), "--variants", "smoe", "mhmoe_h2",
+                 "--shared-expert", "--seeds", "2", "--tokens", "512", "--eval-points", "2",
+                 "--quiet", "--threads", "1", "--out", str(out)]) == 0
+    assert (out / "runs" / "smoe.shared" / "seed1" / "metrics.jsonl").read_text() == before
+    capsys.readouterr()
+
+
+def test_reproduce_ablation_variants():
+    from mhmoe.reproduce import default_variants
+
+    assert default_variants(ablation="head-merge") == [
+        "smoe", "smoe.head_merge", "fine_grained", "fine_grained.head_merge",
+        "mhmoe_h2.no_head_merge", "mhmoe_h2.no_merge", "mhmoe_h2.no_head", "mhmoe_h2",
+    ]
+    assert default_variants(shared_expert=True) == [
+        "smoe.shared", "fine_grained.shared", "mhmoe_h2.shared", "mhmoe_h3.shared"]

@@ -17,6 +17,7 @@ the set's byte count is scaled by the share of targets evaluated, and the result
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -74,8 +75,6 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
     """
     backend = getattr(tokenizer, "backend", tokenizer)
     try:
-        import json
-
         config = json.loads(backend.to_str())
     except Exception:  # not a tokenizers.Tokenizer
         return None

@@ -8,7 +8,7 @@ and at a few more points for the curves, and writes:
                        parameters and forward FLOPs per token (analytic, from the parity
                        planner); perplexity on each evaluation set at 50% and 100% (mean ± std
                        over seeds when --seeds > 1); the paper's numbers for reference
-    OUT/results.json   the same and more, machine-readable (format below)
+    OUT/results.json   the same and more, machine-readable (structure: ``summarize_runs``)
     OUT/loss.png       validation loss against training tokens, one line per variant
     OUT/data/          tokenizer and token caches, built once and shared by every run
     OUT/runs/<variant>/seed<S>/   one ``mhmoe train`` run folder per variant and seed
@@ -27,12 +27,12 @@ Experiments:
 from __future__ import annotations
 
 import datetime
-import json
+import io
 import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,15 @@ PAPER_RESULTS: dict[str, dict[str, tuple[float, float, float]]] = {
     "mhmoe_h2.no_head_merge": {"50%": (11.97, 10.40, 15.52)},
     "mhmoe_h2.no_merge": {"50%": (11.74, 10.18, 15.17)},
     "mhmoe_h2.no_head": {"50%": (11.84, 10.27, 15.36)},
+}
+
+# Table 3: every variant trained as BitNet b1.58 (``--bitnet``).
+PAPER_RESULTS_BITNET: dict[str, dict[str, tuple[float, float, float]]] = {
+    "dense": {"50%": (32.17, 27.56, 35.85), "100%": (30.04, 24.75, 33.55)},
+    "smoe": {"50%": (29.18, 24.70, 32.34), "100%": (26.78, 21.54, 29.73)},
+    "fine_grained": {"50%": (29.04, 24.51, 32.03), "100%": (26.68, 21.42, 29.50)},
+    "mhmoe_h2": {"50%": (28.84, 24.27, 31.86), "100%": (26.59, 21.11, 29.27)},
+    "mhmoe_h3": {"50%": (28.77, 24.13, 31.81), "100%": (26.47, 21.06, 29.14)},
 }
 
 
@@ -163,8 +172,11 @@ def reproduce(options: ReproduceOptions) -> dict[str, Any]:
     results.update({
         "format": RESULTS_FORMAT,
         "preset": preset.name,
-        "experiment": "head-merge ablation (Tables 4-5)" if options.ablation else
-                      ("shared expert (Table 2)" if options.shared_expert else "Table 1"),
+        "experiment": ("BitNet b1.58, " if options.run.bitnet else "") + (
+                      "head-merge ablation (Tables 4-5)" if options.ablation else
+                      ("shared expert (Table 2)" if options.shared_expert else
+                       ("Table 3" if options.run.bitnet else "Table 1"))),
+        "bitnet": options.run.bitnet,
         "seeds": seeds,
         "data": settings,
         "wall_time_s": round(time.perf_counter() - started, 1),
@@ -186,11 +198,17 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 
 
 def summarize_runs(run_dirs: dict[str, list[tuple[int, Path]]], eval_sets: list[str]) -> dict[str, Any]:
-    """Read every run's config.json and metrics.jsonl into the results.json structure.
+    """Read every run's config.json and metrics.jsonl into the results.json structure:
 
-    ``variants[i]["ppl"][set]["50%"]`` = {"mean", "std", "values"} (one value per seed);
-    ``variants[i]["runs"][j]["curve"]`` = evaluation points {"step", "tokens", "fraction",
-    "<set>": loss}.
+    * top level: ``eval_sets`` (names), ``points`` (["50%", "100%"]), ``budget`` (steps,
+      tokens, batch_size, seq_len), ``variants`` (list, in run order); ``reproduce`` adds
+      ``format``, ``preset``, ``experiment``, ``seeds``, ``data``, ``wall_time_s``, ``created``;
+    * ``variants[i]``: ``name``, ``label``, ``params``, ``active_params``, ``flops_per_token``,
+      ``moe_layer_active_flops_per_token``, ``experts`` (shape, or None for dense),
+      ``ppl[set]["50%"|"100%"]`` = {"mean", "std", "values"} (one value per seed) and ``runs``;
+    * ``runs[j]``: ``seed``, ``run_dir``, ``curve`` (evaluation points {"step", "tokens",
+      "fraction", "<set>": loss, "<set>/ppl", "<set>/bpb"}), ``train_curve`` ([tokens, loss]
+      pairs, at most ~200).
     """
     variants = []
     budget: dict[str, Any] = {}
@@ -331,7 +349,8 @@ def _ordering_lines(results: dict[str, Any]) -> list[str]:
 
 
 def _paper_reference(results: dict[str, Any]) -> list[str]:
-    rows = [(v["label"], PAPER_RESULTS.get(v["name"])) for v in results["variants"]]
+    reference = PAPER_RESULTS_BITNET if results.get("bitnet") else PAPER_RESULTS
+    rows = [(v["label"], reference.get(v["name"])) for v in results["variants"]]
     rows = [(label, ref) for label, ref in rows if ref]
     if not rows:
         return []
@@ -348,6 +367,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     evaluation set (matplotlib's Agg canvas; no pyplot global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
 
     sets = results["eval_sets"] or []
     panels = max(1, len(sets))
@@ -365,6 +385,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             axis.plot(tokens, losses, marker="o", markersize=3, label=variant["label"])
         axis.set_title(f"validation loss: {set_name}" if set_name else "no evaluation set")
         axis.set_xlabel("training tokens")
+        axis.xaxis.set_major_formatter(EngFormatter(sep=""))
         axis.set_ylabel("loss (nats/token)")
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
@@ -376,8 +397,6 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
 
 def _figure_png(figure) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()

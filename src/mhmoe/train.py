@@ -52,7 +52,9 @@ import torch
 
 from mhmoe import checkpoint as ckpt
 from mhmoe.evaluate import EvalResult, autocast_context, evaluate_sets, metrics_line, token_byte_lengths
+from mhmoe.analytics import RoutingStatsAccumulator
 from mhmoe.model import TransformerLM, lm_loss
+from mhmoe.quant import BitNetConfig, apply_bitnet
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +74,14 @@ __all__ = [
     "train_loop",
 ]
 
-SCHEDULES = ("polynomial", "cosine", "constant")
+SCHEDULES = ("polynomial", "cosine", "constant", "two-stage")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES_HELP = "auto (cuda if available, else cpu), cpu, cuda, cuda:N"
 
 # TrainConfig fields that may differ when a run is resumed (they do not change the results).
 RESUMABLE_CHANGES = frozenset({
     "save_every", "keep_checkpoints", "log_every", "threads", "device", "eval_batch_size",
+    "max_skipped_steps",
 })
 
 
@@ -137,11 +140,13 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
+    max_skipped_steps: int = 5
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_fractions, list):
             object.__setattr__(self, "eval_fractions", tuple(self.eval_fractions))
-        for name in ("total_steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every"):
+        for name in ("total_steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every",
+                     "max_skipped_steps"):
             _positive_int(name, getattr(self, name))
         for name in ("micro_batch_size", "eval_every", "eval_tokens", "save_every", "threads"):
             _positive_int(name, getattr(self, name), allow_none=True)
@@ -228,9 +233,14 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     Linear warmup lr * step / warmup for step <= warmup; then, with progress
     p = (step - warmup) / (total - warmup):
     polynomial (fairseq ``polynomial_decay``): end + (lr - end) * (1 - p)^power;
-    cosine: end + (lr - end) * (1 + cos(pi p)) / 2; constant: lr.
+    cosine: end + (lr - end) * (1 + cos(pi p)) / 2; constant: lr;
+    two-stage: the BitNet FAQ's schedule (``mhmoe.quant.two_stage_schedule``).
     """
     peak, end, warmup, total = config.lr, config.end_lr, config.warmup_steps, config.total_steps
+    if config.schedule == "two-stage":
+        from mhmoe.quant import two_stage_schedule
+
+        return two_stage_schedule(step - 1, total, peak, warmup_steps=warmup, final_lr=end)[0]
     if warmup > 0 and step <= warmup:
         return peak * step / warmup
     if config.schedule == "constant" or total <= warmup:
@@ -239,6 +249,18 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     if config.schedule == "polynomial":
         return end + (peak - end) * (1.0 - progress) ** config.power
     return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def weight_decay_at(step: int, config: TrainConfig) -> float:
+    """Weight decay of the decayed parameter group at optimiser step ``step`` (1-based):
+    ``config.weight_decay``, except under the two-stage schedule, where it drops to 0 for the
+    second half (BitNet FAQ)."""
+    if config.schedule != "two-stage":
+        return config.weight_decay
+    from mhmoe.quant import two_stage_schedule
+
+    return two_stage_schedule(step - 1, config.total_steps, config.lr, warmup_steps=config.warmup_steps,
+                              final_lr=config.end_lr, weight_decay=config.weight_decay)[1]
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -293,16 +315,10 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """Torch threads when not given: one per usable core, fewer when other processes already
-    keep the cores busy (1-minute load average), since oversubscribed OpenMP threads spin and
-    run several times slower than one thread per free core. Pass ``threads`` explicitly for
-    runs that must resume bit-identically on a machine whose load changes."""
-    cores = available_cores()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - not Unix
-        return cores
-    return max(1, min(cores, cores - int(load)))
+    """Torch threads when not given: one per usable core (deterministic, so a resumed run
+    computes with the same kernels). On a machine already busy with other processes,
+    oversubscribed OpenMP threads spin and run several times slower: pass ``threads``."""
+    return available_cores()
 
 
 def seed_everything(seed: int) -> None:
@@ -469,6 +485,8 @@ def train_loop(
     log = (MetricsLog(metrics_path, run_dir / "tensorboard" if tensorboard else None)
            if context.is_main else _NullMetrics())
     progress = _progress_bar(config.total_steps, start_step, quiet or not context.is_main, progress_label)
+    # Routing statistics (mhmoe.analytics) from the counts each MoE layer returns; per rank.
+    routing = RoutingStatsAccumulator().attach(model)
     result = LoopResult(start_step, tokens_seen, last_loss)
     accumulation = config.accumulation_steps // context.world_size  # of this rank's rows
     micro = config.micro_batch
@@ -479,6 +497,7 @@ def train_loop(
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, config)  # the decay group
             inputs_BT, targets_BT = sampler.next_batch()
             lm_sum = torch.zeros((), device=device)
             aux_sum = torch.zeros((), device=device)
@@ -494,6 +513,7 @@ def train_loop(
                         lm = lm_loss(output.logits, targets)
                         loss = (lm + output.aux_loss) / accumulation
                     loss.backward()
+                routing.update(output.moe_aux)  # counts the layers already computed
                 lm_sum += lm.detach()
                 aux_sum += output.aux_loss.detach()
             # The norm of the whole gradient, summed over FSDP2 and expert shards.
@@ -523,7 +543,9 @@ def train_loop(
                     "grad_norm": grad_norm,
                     "tokens_per_s": round(tokens_per_s, 1),
                     "elapsed_s": round(now - started, 3),
+                    **routing.summary(),
                 })
+                routing.reset()
                 window_start, window_tokens = now, 0
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -558,6 +580,7 @@ def train_loop(
         if config.total_steps == start_step:
             result.finished = True
     finally:
+        routing.detach()
         progress.close()
         log.close()
     result.seconds = time.perf_counter() - started
@@ -665,6 +688,7 @@ class RunOptions:
     schedule: str = "polynomial"
     weight_decay: float = 0.01
     clip_grad_norm: float | None = 2.0
+    bitnet: bool = False
     load_balancing_weight: float = 0.01
     z_loss_weight: float = 0.0
     eval_tokens: int | None = None
@@ -769,7 +793,7 @@ def _versions() -> dict[str, str]:
 def _compare_for_resume(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
     """Raise if a resumed run's settings differ from those it was started with."""
     differences = []
-    for section in ("preset", "variant", "model", "data"):
+    for section in ("preset", "variant", "model", "bitnet", "data"):
         if old.get(section) != new.get(section):
             differences.append(section)
     old_train, new_train = old.get("train", {}), new.get("train", {})
@@ -895,6 +919,7 @@ def run_training(options: RunOptions) -> RunResult:
         "variant": spec.name,
         "label": variant_label(spec.name),
         "model": model_cfg.to_dict(),
+        "bitnet": BitNetConfig().to_dict() if options.bitnet else None,
         "train": train_config.to_dict(),
         "data": settings,
         "data_dir": str(data_dir.resolve()),
@@ -915,7 +940,7 @@ def run_training(options: RunOptions) -> RunResult:
     if not data.evals:
         logger.warning("no evaluation set (heldout fraction 0 and no --eval): perplexity will not be measured")
     seed_everything(train_config.seed)
-    model = TransformerLM(model_cfg)
+    model = apply_bitnet(TransformerLM(model_cfg), run_config["bitnet"])  # no-op when None
     # Every rank draws the same global batch and keeps its own rows of it.
     sampler = TrainBatchSampler(data.train.tokens, per_rank_batch, train_config.seq_len,
                                 seed=train_config.seed, rank=context.rank, world_size=context.world_size)

@@ -56,6 +56,13 @@ def load_model(path: Path, step: int | None = None, device: str = "cpu"):
         raise FileNotFoundError(f"{path}: no such run or export folder")
     if not (path / CONFIG_FILE).is_file():
         raise CLIError(f"{path}: has no {CONFIG_FILE}; expected a run folder (mhmoe train) or an export (mhmoe export)")
+    from mhmoe.export_ternary import is_ternary_export, load_export
+
+    if is_ternary_export(path):  # mhmoe export --ternary: packed 2-bit BitNet weights
+        if step is not None:
+            raise CLIError(f"--step {step}: only applies to run folders; {path} is an export")
+        model, tokenizer, _ = load_export(path, device=device)
+        return model, tokenizer, f"ternary export {path}"
     if hf_export.is_export_dir(path):
         if step is not None:
             raise CLIError(f"--step {step}: only applies to run folders; {path} is an export")

@@ -177,7 +177,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, single_run: bool = T
     group.add_argument("--lr", type=positive_float, metavar="LR", help="peak learning rate")
     group.add_argument("--warmup-steps", type=non_negative_int, metavar="N",
                        help="linear warmup steps (default: the preset's, at most 10%% of the steps)")
-    group.add_argument("--schedule", choices=("polynomial", "cosine", "constant"), default="polynomial",
+    group.add_argument("--bitnet", action="store_true",
+                       help="train as BitNet b1.58: ternary weights, 8-bit activations in attention, "
+                            "dense FFNs, experts, head/merge; embeddings, LM head, router full precision "
+                            "(paper Table 3; mhmoe.quant)")
+    group.add_argument("--schedule", choices=("polynomial", "cosine", "constant", "two-stage"), default="polynomial",
                        help="decay after warmup (default polynomial, power 1, as the authors' scripts)")
     group.add_argument("--weight-decay", type=non_negative_float, default=0.01, metavar="W", help="AdamW weight decay (default 0.01)")
     group.add_argument("--clip-grad-norm", type=positive_float, default=2.0, metavar="C", help="gradient-norm clip (default 2.0)")
@@ -235,6 +239,7 @@ def run_options_from_args(args: argparse.Namespace, **overrides):
         schedule=args.schedule,
         weight_decay=args.weight_decay,
         clip_grad_norm=args.clip_grad_norm,
+        bitnet=args.bitnet,
         load_balancing_weight=args.load_balancing_weight,
         z_loss_weight=args.z_loss_weight,
         eval_tokens=args.eval_tokens,
