@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mhmoe.analytics import plot_activation_ratio, routing_table_markdown
 from mhmoe import checkpoint as ckpt
 from mhmoe.presets import PAPER_VARIANTS, ablation_variants, get_preset, parse_variant, variant_label
 from mhmoe.train import RunOptions, check_output_dir, data_settings, prepare_run_data, read_metrics, run_training
@@ -169,6 +170,9 @@ def reproduce(options: ReproduceOptions) -> dict[str, Any]:
             run_dirs[name].append((seed, run_dir))
 
     results = summarize_runs(run_dirs, eval_sets=list(data.evals))
+    results["routing"] = {
+        variant_label(name): last_routing_metrics(runs[0][1]) for name, runs in run_dirs.items()
+    }
     results.update({
         "format": RESULTS_FORMAT,
         "preset": preset.name,
@@ -185,8 +189,23 @@ def reproduce(options: ReproduceOptions) -> dict[str, Any]:
     ckpt.atomic_write_json(out / "results.json", results)
     ckpt.atomic_write_text(out / "results.md", write_markdown(results))
     write_plot(results, out / "loss.png")
+    if any(routing for routing in results["routing"].values()):
+        plot_activation_ratio(results["routing"], out / "activation_ratio.png")
     logger.info("wrote %s, %s and %s", out / "results.md", out / "results.json", out / "loss.png")
     return results
+
+
+def last_routing_metrics(run_dir: Path) -> dict[str, Any]:
+    """The routing statistics (``routing/...`` keys) of a run's last training metrics line:
+    collected during training, so the routing table costs no extra forward pass."""
+    path = Path(run_dir) / ckpt.METRICS_FILE
+    if not path.exists():
+        return {}
+    for record in reversed(read_metrics(path, strict=False)):
+        routing = {key: value for key, value in record.items() if key.startswith("routing/")}
+        if "loss" in record:
+            return routing
+    return {}
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
@@ -320,6 +339,12 @@ def write_markdown(results: dict[str, Any]) -> str:
         else:
             lines.append(f"- {variant['label']}: dense SwiGLU FFN in every block")
     lines += ["", *_ordering_lines(results), "", *_paper_reference(results)]
+    if results.get("routing"):
+        lines += [
+            "", "## Routing (first seed, training batches of the last logged step; "
+            "definitions in `mhmoe.analytics`)", "",
+            routing_table_markdown(results["routing"]).rstrip("\n"),
+        ]
     if "wall_time_s" in results:
         lines += ["", f"Wall time: {results['wall_time_s']:.0f} s."]
     return "\n".join(lines) + "\n"
