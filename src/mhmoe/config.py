@@ -24,6 +24,13 @@ def _require_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r}: must be a positive integer")
 
 
+def _require_bool(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: must be true or false" + (" or None" if allow_none else ""))
+
+
 def _require_activation(activation: Any) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: must be one of {', '.join(ACTIVATIONS)}")
@@ -42,6 +49,7 @@ class DenseConfig:
         _require_positive_int("d_model", self.d_model)
         _require_positive_int("d_ff", self.d_ff)
         _require_activation(self.activation)
+        _require_bool("bias", self.bias)
 
     @property
     def kind(self) -> str:
@@ -92,10 +100,14 @@ class MoEConfig:
         if self.capacity_factor is not None:
             if isinstance(self.capacity_factor, bool) or not isinstance(
                 self.capacity_factor, (int, float)
-            ) or not self.capacity_factor > 0:
+            ) or not 0 < self.capacity_factor < float("inf"):
                 raise ValueError(
-                    f"capacity_factor={self.capacity_factor!r}: must be a positive number or None"
+                    f"capacity_factor={self.capacity_factor!r}: must be a finite positive number or None"
                 )
+        for name in ("head_layer", "merge_layer", "normalize_top_k"):
+            _require_bool(name, getattr(self, name), allow_none=True)
+        _require_bool("bias", self.bias)
+        _require_bool("z_loss", self.z_loss)
 
     @property
     def kind(self) -> str:

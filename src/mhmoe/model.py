@@ -68,8 +68,8 @@ def _require_positive_int(name: str, value: Any) -> None:
 
 
 def _require_non_negative_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name}={value!r}: must be a non-negative number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name}={value!r}: must be a finite non-negative number")
 
 
 def ffn_config_to_dict(config: DenseConfig | MoEConfig) -> dict[str, Any]:
@@ -83,14 +83,23 @@ def ffn_config_from_dict(data: dict[str, Any]) -> DenseConfig | MoEConfig:
         raise ValueError(f"FFN config {data!r}: must be a JSON object")
     fields = dict(data)
     kind = fields.pop("kind", None)
-    cls = {"dense": DenseConfig, "moe": MoEConfig}.get(kind)
+    cls = {"dense": DenseConfig, "moe": MoEConfig}.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ValueError(f"FFN config kind={kind!r}: must be 'dense' or 'moe'")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"FFN config ({kind}) has unknown fields {unknown}")
+    _check_fields(f"FFN config ({kind})", cls, fields)
     return cls(**fields)
+
+
+def _check_fields(what: str, cls: type, fields: dict[Any, Any]) -> None:
+    """ValueError naming unknown or missing (required) fields of a dataclass to build."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted((k for k in fields if k not in known), key=repr)
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {unknown}")
+    missing = [name for name, f in known.items() if name not in fields
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{what} lacks the required fields {missing}")
 
 
 @dataclass(frozen=True)
@@ -146,11 +155,11 @@ class ModelConfig:
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings={self.tie_embeddings!r}: must be true or false")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) \
-                or not self.rope_theta > 0:
-            raise ValueError(f"rope_theta={self.rope_theta!r}: must be a positive number")
+                or not 0 < self.rope_theta < float("inf"):
+            raise ValueError(f"rope_theta={self.rope_theta!r}: must be a finite positive number")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) \
-                or not self.norm_eps > 0:
-            raise ValueError(f"norm_eps={self.norm_eps!r}: must be a positive number")
+                or not 0 < self.norm_eps < float("inf"):
+            raise ValueError(f"norm_eps={self.norm_eps!r}: must be a finite positive number")
         _require_non_negative_number("load_balancing_weight", self.load_balancing_weight)
         _require_non_negative_number("z_loss_weight", self.z_loss_weight)
 
@@ -183,12 +192,9 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ValueError(f"model config {data!r}: must be a JSON object")
         fields = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"model config has unknown fields {unknown}")
         if "dense_ffn" not in fields:
             raise ValueError("model config lacks 'dense_ffn'")
+        _check_fields("model config", cls, fields)
         fields["dense_ffn"] = ffn_config_from_dict(fields["dense_ffn"])
         if fields.get("moe_ffn") is not None:
             fields["moe_ffn"] = ffn_config_from_dict(fields["moe_ffn"])

@@ -54,6 +54,15 @@ from mhmoe import checkpoint as ckpt
 from mhmoe.evaluate import EvalResult, autocast_context, evaluate_sets, metrics_line, token_byte_lengths
 from mhmoe.analytics import RoutingStatsAccumulator
 from mhmoe.model import TransformerLM, lm_loss
+from mhmoe.validation import (
+    NonFiniteError,
+    check_free_space,
+    checkpoint_bytes_estimate,
+    describe_diagnosis,
+    diagnose_non_finite,
+    format_value,
+    probe_writable,
+)
 from mhmoe.quant import BitNetConfig, apply_bitnet
 
 logger = logging.getLogger(__name__)
@@ -215,10 +224,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"training config has unknown fields {unknown}")
+        from mhmoe.model import _check_fields
+
+        if not isinstance(data, dict):
+            raise ValueError(f"training config {data!r}: must be a JSON object")
+        _check_fields("training config", cls, data)
         return cls(**data)
 
 
@@ -458,9 +468,16 @@ def train_loop(
     start_step = 0
     tokens_seen = 0
     last_loss: float | None = None
-    if resume and ckpt.latest_checkpoint(run_dir) is not None:
-        folder = ckpt.latest_checkpoint(run_dir)
-        state = ckpt.read_checkpoint_state(folder)
+    skipped_total = consecutive_skips = 0  # non-finite steps (mhmoe.validation)
+    if context.is_main:
+        ckpt.clean_incomplete_saves(run_dir)  # temp files and folders of a killed save
+    context.barrier()
+    # The newest intact checkpoint: a corrupted one is skipped with a warning (checkpoint.py).
+    found = ckpt.find_resume_checkpoint(run_dir) if resume else None
+    if found is not None:
+        folder, state = found
+        skipped_total = int(state.get("skipped_steps", 0))
+        consecutive_skips = int(state.get("consecutive_skipped_steps", 0))
         if context.is_distributed:  # full files, each rank keeps its shards
             distributed.load_checkpoint(parallel, optimizer, folder, state)
         else:
@@ -519,18 +536,31 @@ def train_loop(
             # The norm of the whole gradient, summed over FSDP2 and expert shards.
             max_norm = config.clip_grad_norm if config.clip_grad_norm is not None else math.inf
             grad_norm = float(parallel.clip_grad_norm_(max_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
             step_loss = context.all_reduce_mean(lm_sum) / accumulation  # mean over ranks
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(
-                    f"training loss became {step_loss} at step {step} (lr {lr:.3g}); "
-                    "lower the learning rate or check the data"
-                )
+            step_aux = context.all_reduce_mean(aux_sum) / accumulation
+            # Numerical guard (mhmoe.validation): a non-finite loss or gradient skips the update
+            # (parameters and optimiser state untouched); step, data and schedule advance.
+            skipped = not (math.isfinite(step_loss) and math.isfinite(step_aux) and math.isfinite(grad_norm))
+            if skipped:
+                skipped_total += 1
+                consecutive_skips += 1
+                logger.warning("step %d: non-finite loss %s / aux loss %s / gradient norm %s: update skipped "
+                               "(%d in a row, %d in all)", step, format_value(step_loss), format_value(step_aux),
+                               format_value(grad_norm), consecutive_skips, skipped_total)
+                if consecutive_skips >= config.max_skipped_steps:
+                    optimizer.zero_grad(set_to_none=True)
+                    _raise_non_finite(step, step_loss, step_aux, grad_norm, consecutive_skips, config, run_dir,
+                                      None if context.is_distributed else model,
+                                      lambda: _micro_batch_loss(parallel, inputs, targets, device, autocast_dtype))
+            else:
+                consecutive_skips = 0
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             tokens_seen += config.tokens_per_step
             window_tokens += config.tokens_per_step
-            result.step, result.tokens, result.last_loss = step, tokens_seen, step_loss
+            result.step, result.tokens = step, tokens_seen
+            if not skipped:
+                result.last_loss = step_loss
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             if step % config.log_every == 0 or step == config.total_steps:
@@ -538,9 +568,11 @@ def train_loop(
                     "step": step,
                     "tokens": tokens_seen,
                     "loss": step_loss,
-                    "aux_loss": context.all_reduce_mean(aux_sum) / accumulation,
+                    "aux_loss": step_aux,
                     "lr": lr,
                     "grad_norm": grad_norm,
+                    "skipped_steps": skipped_total,
+                    **({"skipped": True} if skipped else {}),
                     "tokens_per_s": round(tokens_per_s, 1),
                     "elapsed_s": round(now - started, 3),
                     **routing.summary(),
@@ -571,7 +603,8 @@ def train_loop(
             periodic = config.save_every is not None and step % config.save_every == 0
             if finished or stopping or periodic or step in eval_steps:
                 _save(run_dir, step, parallel, optimizer, sampler, tokens_seen, step_loss, config,
-                      finished=finished, milestone=finished or step in eval_steps)
+                      finished=finished, milestone=finished or step in eval_steps,
+                      extra={"skipped_steps": skipped_total, "consecutive_skipped_steps": consecutive_skips})
             if stopping and not finished:
                 logger.info("stopped after step %d as asked; continue with --resume", step)
                 break
@@ -587,9 +620,49 @@ def train_loop(
     return result
 
 
+def _is_milestone(folder: Path) -> bool:
+    """Whether a checkpoint is kept for good (evaluation point, end); an unreadable state.json
+    (a damaged checkpoint, skipped on resume) counts as periodic, so retention may remove it."""
+    try:
+        return bool(ckpt.read_checkpoint_state(folder).get("milestone"))
+    except ckpt.CheckpointError:
+        return False
+
+
+def _micro_batch_loss(parallel, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+                      autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """The training loss of one micro-batch (re-run to diagnose a non-finite step)."""
+    with autocast_context(device, autocast_dtype):
+        output = parallel(inputs)
+        return lm_loss(output.logits, targets) + output.aux_loss
+
+
+def _raise_non_finite(step: int, loss: float, aux: float, grad_norm: float, count: int, config: TrainConfig,
+                      run_dir: Path, model: torch.nn.Module | None, rerun: Callable[[], torch.Tensor]) -> None:
+    """Stop the run after ``count`` consecutive non-finite steps: NonFiniteError naming the
+    step, the values and (one process) the first module / gradient that went non-finite."""
+    where = "not diagnosed under torch.distributed"
+    if model is not None:
+        try:
+            where = describe_diagnosis(diagnose_non_finite(model, rerun))
+        except Exception as err:  # the diagnosis must not hide the actual failure
+            where = f"diagnosis failed ({type(err).__name__}: {err})"
+    try:
+        latest = ckpt.latest_checkpoint(run_dir)
+    except ckpt.CheckpointError:
+        latest = None
+    raise NonFiniteError(
+        f"step {step}: loss {format_value(loss)}, aux loss {format_value(aux)}, gradient norm "
+        f"{format_value(grad_norm)}; {count} consecutive steps were non-finite "
+        f"(--max-skipped-steps {config.max_skipped_steps}); {where}. The last checkpoint "
+        f"({latest.name if latest else 'none'}) is intact; check the data and the learning rate"
+    )
+
+
 def _save(run_dir: Path, step: int, parallel, optimizer, sampler, tokens: int, loss: float,
-          config: TrainConfig, *, finished: bool, milestone: bool) -> None:
+          config: TrainConfig, *, finished: bool, milestone: bool, extra: dict[str, Any] | None = None) -> None:
     state = {
+        **(extra or {}),
         "tokens": tokens,
         "total_steps": config.total_steps,
         "loss": loss,
@@ -610,7 +683,7 @@ def _save(run_dir: Path, step: int, parallel, optimizer, sampler, tokens: int, l
     # Retention: milestones (evaluation points, the end) stay; the newest periodic ones rotate.
     periodic = [
         (s, folder) for s, folder in ckpt.list_checkpoints(run_dir)
-        if not ckpt.read_checkpoint_state(folder).get("milestone") and s != step
+        if not _is_milestone(folder) and s != step
     ]
     allowed = config.keep_checkpoints - (0 if milestone else 1)
     for _, folder in periodic[: max(0, len(periodic) - allowed)]:
@@ -701,6 +774,7 @@ class RunOptions:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
+    max_skipped_steps: int = 5
     quiet: bool = False
     tensorboard: bool = False
     command: list[str] | None = None
@@ -730,6 +804,7 @@ def check_output_dir(path: Path, flag: str = "--out") -> Path:
         raise ValueError(f"{flag} {path}: cannot create the folder ({err.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: the folder is not writable")
+    probe_writable(path, flag)  # read-only mounts, root without write access, a full disk
     return path
 
 
@@ -781,6 +856,7 @@ def train_config_for(options: RunOptions, preset: Any) -> TrainConfig:
         device=options.device,
         precision=options.precision,
         threads=options.threads,
+        max_skipped_steps=options.max_skipped_steps,
     )
 
 
@@ -876,6 +952,7 @@ def run_training(options: RunOptions) -> RunResult:
     _number("--load-balancing-weight", options.load_balancing_weight, low=0)
     _number("--z-loss-weight", options.z_loss_weight, low=0)
     train_config = train_config_for(options, preset)
+    resolve_device(options.device)  # a bad --device fails before the data is prepared
     from mhmoe import distributed
 
     # Under torchrun (WORLD_SIZE > 1): join the job; otherwise a single-process context.
@@ -883,7 +960,7 @@ def run_training(options: RunOptions) -> RunResult:
         distributed.ParallelConfig(options.dp or "ddp", options.ep), device=options.device
     )
     per_rank_batch, per_rank_micro = _per_rank_batch(train_config, context.world_size)
-    has_checkpoint = ckpt.latest_checkpoint(run_dir) is not None
+    has_checkpoint = ckpt.has_checkpoints(run_dir)  # intact or not (--resume falls back)
     previous = ckpt.read_run_config(run_dir) if (run_dir / ckpt.CONFIG_FILE).is_file() else None
     if has_checkpoint and not options.resume:
         raise ValueError(
@@ -935,6 +1012,8 @@ def run_training(options: RunOptions) -> RunResult:
             _compare_for_resume(previous, comparable, run_dir)
         run_config["created"] = previous.get("created", run_config["created"])
     if context.is_main:
+        # Fail now, not after hours of training, when the disk cannot hold one checkpoint.
+        check_free_space(run_dir, checkpoint_bytes_estimate(run_config["counts"]["params"]))
         ckpt.atomic_write_json(run_dir / ckpt.CONFIG_FILE, run_config)
 
     if not data.evals:

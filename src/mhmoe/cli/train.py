@@ -196,6 +196,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, single_run: bool = T
                        help="also checkpoint every N steps (always at evaluations and the end)")
     group.add_argument("--keep-checkpoints", type=positive_int, default=2, metavar="N",
                        help="periodic checkpoints to keep (evaluation and final ones are always kept; default 2)")
+    group.add_argument("--max-skipped-steps", type=positive_int, default=5, metavar="N",
+                       help="stop after N consecutive steps with a non-finite loss or gradient (each is "
+                            "skipped: no update; default 5; docs/reliability.md)")
     group.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="auto (default): bf16 autocast on GPU, fp32 on CPU")
@@ -249,6 +252,7 @@ def run_options_from_args(args: argparse.Namespace, **overrides):
         device=args.device,
         precision=args.precision,
         threads=args.threads,
+        max_skipped_steps=getattr(args, "max_skipped_steps", 5),
         quiet=args.quiet,
         tensorboard=args.tensorboard,
         dp=getattr(args, "dp", None),

@@ -15,6 +15,16 @@ Dispatch (dropless by default):
 4. put the rows back in assignment order and combine: y_n = sum_k w_nk * Expert_{id_nk}(x_n)
    (paper Section 2.1, step 3).
 
+Steps 2-4 have two implementations (``Experts.implementation``, chosen per call):
+
+* ``"blocked"`` (CPU default): one autograd Function, ``_BlockedDispatch``, for gather +
+  experts + combine. One sort per step serves forward and backward (the permutation is saved).
+  Expert by expert, its rows are gathered from x_NS, go through the expert while in cache and
+  are scatter-added, weighted, into y_NS; backward gathers the rows and output gradient the
+  same way, recomputes the hidden activations and scatter-adds the input gradient. Saved for
+  backward: x_NS, the permutation and the combine weights; nothing of size (M, .).
+* ``"grouped"`` (GPU, ``torch.compile``): plain autograd over index, ``grouped_mm`` and bmm.
+
 With a capacity factor c (GShard), each expert keeps at most ceil(c * M / E) assignments,
 first choices of every unit before second choices, then in unit order; dropped assignments
 contribute zero and their fraction is reported.
@@ -27,7 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mhmoe.layers.experts import Experts
+from mhmoe.layers import experts as _experts
+from mhmoe.layers.experts import Experts, block_backward, block_forward, fused_up_weight
 from mhmoe.layers.routing import TopKRouter, load_balancing_loss, router_z_loss
 
 
@@ -79,6 +90,118 @@ def sort_assignments(
     return kept_order_R, kept_counts_E, tokens_per_expert_E
 
 
+class _BlockedDispatch(torch.autograd.Function):
+    """Gather, experts (``block_forward``) and combine of sorted assignments, in one Function.
+
+    Inputs: x_NS (N, S); weights_NK (N, K) combine weights in x's dtype; the expert weights
+    (w3 None for ReLU experts); kept_order_R (R,) the assignment index m = n*K + k of each
+    sorted row; counts_E the rows per expert (Python ints, sum R). Output
+    y_NS = sum_k w_nk * Expert_{id_nk}(x_n), dropped assignments contributing zero.
+
+    Expert by expert, its rows are gathered (index_select), run through the expert while in
+    cache, and added into y_NS weighted (index_add_, a scatter-add straight from the block:
+    no (M, S) re-ordering and no bmm). Backward mirrors it: gather the rows and the output
+    gradient again, run ``block_backward`` (hidden activations recomputed), scatter-add the
+    input gradient. Nothing of size (M, .) is written to memory or saved: on CPU, traffic to
+    memory, not arithmetic, is what separates small experts from large ones. Not twice
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x_NS: torch.Tensor,
+        weights_NK: torch.Tensor,
+        w1_EFS: torch.Tensor,
+        w3_EFS: torch.Tensor | None,
+        w2_ESF: torch.Tensor,
+        kept_order_R: torch.Tensor,
+        counts_E: list[int],
+    ) -> torch.Tensor:
+        num_units, d_unit = x_NS.shape
+        top_k = weights_NK.shape[1]
+        swiglu = w3_EFS is not None
+        x_NS = x_NS.contiguous()
+        w_up_EGS = fused_up_weight(w1_EFS, w3_EFS)  # (E, 2F, S) SwiGLU, (E, F, S) ReLU
+        unit_of_row_R = kept_order_R // top_k
+        weight_of_row_R1 = weights_NK.reshape(-1).index_select(0, kept_order_R).unsqueeze(1)
+        y_NS = x_NS.new_zeros(num_units, d_unit)
+        units = torch.split(unit_of_row_R, counts_E)
+        row_weights = torch.split(weight_of_row_R1, counts_E)
+        hidden_bytes = kept_order_R.numel() * w_up_EGS.shape[1] * x_NS.element_size()
+        save_hidden = torch.is_grad_enabled() and hidden_bytes <= _experts.SAVE_HIDDEN_MAX_BYTES
+        hidden_per_expert = []
+        for expert, count in enumerate(counts_E):
+            if count == 0:
+                hidden_per_expert.append(None)
+                continue
+            x_rS = x_NS.index_select(0, units[expert])  # gather this expert's rows
+            y_rS, h_rG = block_forward(x_rS, w_up_EGS[expert], w2_ESF[expert], swiglu)
+            hidden_per_expert.append(h_rG if save_hidden else None)
+            y_NS.index_add_(0, units[expert], y_rS.mul_(row_weights[expert]))  # += w_nk y_nk
+        # Nothing of size (M, .) is saved unless small: backward gathers again and recomputes.
+        ctx.save_for_backward(x_NS, weight_of_row_R1, unit_of_row_R, kept_order_R, w_up_EGS,
+                              w2_ESF)
+        ctx.hidden_per_expert = hidden_per_expert if save_hidden else None
+        ctx.counts_E = counts_E
+        ctx.swiglu = swiglu
+        ctx.top_k = top_k
+        return y_NS
+
+    @staticmethod
+    def backward(ctx, grad_y_NS: torch.Tensor):  # type: ignore[override]
+        x_NS, weight_of_row_R1, unit_of_row_R, kept_order_R, w_up_EGS, w2_ESF = (
+            ctx.saved_tensors
+        )
+        counts_E, swiglu, top_k = ctx.counts_E, ctx.swiglu, ctx.top_k
+        hidden_per_expert = ctx.hidden_per_expert or [None] * len(counts_E)
+        ctx.hidden_per_expert = None
+        need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        num_units, d_unit = x_NS.shape
+        grad_y_NS = grad_y_NS.contiguous()
+
+        grad_w_up_EGS = torch.zeros_like(w_up_EGS)
+        grad_w2_ESF = torch.zeros_like(w2_ESF)
+        grad_x_NS = torch.zeros_like(x_NS) if need_x else None
+        grad_x_block = x_NS.new_empty(max(counts_E, default=0), d_unit) if need_x else None
+        grad_weight_R = x_NS.new_empty(kept_order_R.numel()) if need_weights else None
+        units = torch.split(unit_of_row_R, counts_E)
+        row_weights = torch.split(weight_of_row_R1, counts_E)
+        grad_weights = torch.split(grad_weight_R, counts_E) if need_weights else None
+        for expert, count in enumerate(counts_E):
+            if count == 0:
+                continue
+            grad_x_rS = grad_x_block[:count] if need_x else None
+            grad_weight_r = block_backward(
+                x_NS.index_select(0, units[expert]),  # gather again (cheaper than saving)
+                grad_y_NS.index_select(0, units[expert]),  # dL/dy_n of the rows' units
+                row_weights[expert],
+                w_up_EGS[expert],
+                w2_ESF[expert],
+                swiglu,
+                grad_w_up_EGS[expert],
+                grad_w2_ESF[expert],
+                grad_x_rS,
+                need_weight_grad=need_weights,
+                h_rG=hidden_per_expert[expert],
+            )
+            if need_weights:  # dL/dw_nk = <dL/dy_n, Expert(x_n)>
+                grad_weights[expert].copy_(grad_weight_r)
+            if need_x:
+                grad_x_NS.index_add_(0, units[expert], grad_x_rS)  # sum over the K choices
+        grad_weights_NK = None
+        if need_weights:
+            grad_weights_M = grad_weight_R.new_zeros(num_units * top_k)
+            grad_weights_M.index_copy_(0, kept_order_R, grad_weight_R)  # dropped: zero
+            grad_weights_NK = grad_weights_M.view(num_units, top_k)
+        if swiglu:
+            d_hidden = w_up_EGS.shape[1] // 2
+            grad_w1, grad_w3 = grad_w_up_EGS[:, :d_hidden], grad_w_up_EGS[:, d_hidden:]
+        else:
+            grad_w1, grad_w3 = grad_w_up_EGS, None
+        return grad_x_NS, grad_weights_NK, grad_w1, grad_w3, grad_w2_ESF, None, None
+
+
 def moe_dispatch(
     x_NS: torch.Tensor,
     router: TopKRouter,
@@ -93,16 +216,18 @@ def moe_dispatch(
     kept_order_R, kept_counts_E, tokens_per_expert_E = sort_assignments(
         route.expert_ids_NK, num_experts, capacity_factor
     )
-    unit_of_row_R = kept_order_R // top_k
-    x_RS = x_NS[unit_of_row_R]  # gather rows, sorted by expert
-    offsets_E = torch.cumsum(kept_counts_E, 0).to(torch.int32)
-    y_RS = experts(x_RS, offsets_E)
-
-    # Back to assignment order m = n*K + k; dropped assignments stay zero.
-    y_MS = y_RS.new_zeros(num_units * top_k, d_unit).index_copy(0, kept_order_R, y_RS)
-    y_NKS = y_MS.view(num_units, top_k, d_unit)  # (M, S) -> (N, K, S)
-    weights_N1K = route.weights_NK.to(y_NKS.dtype).unsqueeze(1)
-    y_NS = torch.bmm(weights_N1K, y_NKS).squeeze(1)  # sum_k w_nk * y_nk
+    if experts.resolve_implementation(x_NS) == "blocked":
+        y_NS = _BlockedDispatch.apply(
+            x_NS,
+            route.weights_NK.to(x_NS.dtype),
+            experts.w1,
+            getattr(experts, "w3", None) if experts.activation == "swiglu" else None,
+            experts.w2,
+            kept_order_R,
+            kept_counts_E.tolist(),
+        )
+    else:
+        y_NS = _grouped_dispatch(x_NS, route.weights_NK, experts, kept_order_R, kept_counts_E)
 
     num_assignments = max(num_units * top_k, 1)
     aux = MoEAux(
@@ -115,6 +240,28 @@ def moe_dispatch(
         expert_ids=route.expert_ids_NK.detach(),
     )
     return y_NS, aux
+
+
+def _grouped_dispatch(
+    x_NS: torch.Tensor,
+    weights_NK: torch.Tensor,
+    experts: Experts,
+    kept_order_R: torch.Tensor,
+    kept_counts_E: torch.Tensor,
+) -> torch.Tensor:
+    """Steps 2-4 with plain autograd: gather, ``Experts.forward`` (grouped_mm), scatter, bmm."""
+    num_units, d_unit = x_NS.shape
+    top_k = weights_NK.shape[1]
+    unit_of_row_R = kept_order_R // top_k
+    x_RS = x_NS[unit_of_row_R]  # gather rows, sorted by expert
+    offsets_E = torch.cumsum(kept_counts_E, 0).to(torch.int32)
+    y_RS = experts(x_RS, offsets_E)
+
+    # Back to assignment order m = n*K + k; dropped assignments stay zero.
+    y_MS = y_RS.new_zeros(num_units * top_k, d_unit).index_copy(0, kept_order_R, y_RS)
+    y_NKS = y_MS.view(num_units, top_k, d_unit)  # (M, S) -> (N, K, S)
+    weights_N1K = weights_NK.to(y_NKS.dtype).unsqueeze(1)
+    return torch.bmm(weights_N1K, y_NKS).squeeze(1)  # sum_k w_nk * y_nk
 
 
 def moe_dispatch_reference(
