@@ -226,7 +226,8 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_in, d_expert))
         # None: decide per device/dtype; False forces the segment-loop fallback.
         self.use_grouped_mm: bool | None = None
-        # None: "blocked" on CPU outside torch.compile, else "grouped" (see the module docstring).
+        # None: "blocked" on CPU outside torch.compile, else "grouped" (see the module docstring);
+        # "grouped" also whenever use_grouped_mm is set or a subclass overrides forward.
         self.implementation: str | None = None
         self.reset_parameters()
 
@@ -237,7 +238,12 @@ class Experts(nn.Module):
             nn.init.uniform_(param, -bound, bound)
 
     def resolve_implementation(self, x: torch.Tensor) -> str:
-        """The implementation ``moe_dispatch`` uses for input ``x`` (see the module docstring)."""
+        """The implementation ``moe_dispatch`` uses for input ``x`` (see the module docstring).
+
+        ``implementation`` when set; otherwise "grouped" for subclasses that override
+        ``forward`` (their math must run), when ``use_grouped_mm`` is set explicitly, on GPUs and
+        under ``torch.compile``; "blocked" on CPU.
+        """
         if self.implementation is not None:
             if self.implementation not in IMPLEMENTATIONS:
                 raise ValueError(
@@ -245,6 +251,12 @@ class Experts(nn.Module):
                     f"{', '.join(IMPLEMENTATIONS)} or None"
                 )
             return self.implementation
+        if type(self).forward is not Experts.forward:
+            # A subclass with its own math (e.g. BitNet's BitExperts) must run through its
+            # forward; the blocked path reads w1/w3/w2 directly.
+            return "grouped"
+        if self.use_grouped_mm is not None:
+            return "grouped"  # an explicit choice of the grouped path's matmul
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             return "blocked"
         return "grouped"

@@ -1,0 +1,167 @@
+"""The fast dispatch paths against the plain loop reference (correctness only, no timings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mhmoe import MHMoE
+from mhmoe.layers import experts as experts_module
+from mhmoe.layers.experts import IMPLEMENTATIONS, block_backward, block_forward, fused_up_weight
+
+
+def _grads(layer, x, forward):
+    y, aux = forward(x)
+    upstream = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    objective = (y * upstream).sum() + 0.1 * aux.load_balancing_loss + 0.01 * aux.z_loss
+    return y, torch.autograd.grad(objective, [x] + list(layer.parameters()))
+
+
+@pytest.fixture(params=["saved_hidden", "recomputed_hidden"])
+def hidden_mode(request, monkeypatch):
+    """Both regimes of the blocked path: hidden pre-activations kept, and recomputed (the
+    setting is constant across hypothesis examples, so sharing the fixture is safe)."""
+    if request.param == "recomputed_hidden":
+        monkeypatch.setattr(experts_module, "SAVE_HIDDEN_MAX_BYTES", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    num_heads=st.integers(1, 3),
+    top_k=st.integers(1, 4),
+    num_experts=st.integers(1, 12),
+    num_tokens=st.integers(1, 17),
+    activation=st.sampled_from(["swiglu", "relu"]),
+    capacity_factor=st.sampled_from([None, None, 0.5, 1.25]),
+    seed=st.integers(0, 2**16),
+)
+def test_implementations_equal_loop_reference_float64(
+    hidden_mode, implementation, num_heads, top_k, num_experts, num_tokens, activation,
+    capacity_factor, seed,
+):
+    top_k = min(top_k, num_experts)
+    torch.manual_seed(seed)
+    layer = MHMoE(
+        d_model=8 * num_heads, num_heads=num_heads, num_experts=num_experts, top_k=top_k,
+        d_expert=6, activation=activation, capacity_factor=capacity_factor,
+    ).double()
+    layer.experts.implementation = implementation
+    x = torch.randn(num_tokens, 8 * num_heads, dtype=torch.float64, requires_grad=True)
+    y_fast, grads_fast = _grads(layer, x, layer.forward)
+    y_ref, grads_ref = _grads(layer, x, layer.forward_reference)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("num_heads,num_experts,top_k,d_expert", [(1, 8, 1, 64), (3, 24, 3, 32), (2, 10, 2, 48)])
+def test_float32_paths_match_reference(hidden_mode, implementation, num_heads, num_experts, top_k, d_expert):
+    torch.manual_seed(3)
+    layer = MHMoE(d_model=48, num_heads=num_heads, num_experts=num_experts, top_k=top_k,
+                  d_expert=d_expert, shared_d_ff=40)
+    layer.experts.implementation = implementation
+    x = torch.randn(3, 57, 48, requires_grad=True)
+    y_fast, grads_fast = _grads(layer, x, layer.forward)
+    y_ref, grads_ref = _grads(layer, x, layer.forward_reference)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_blocked_path_is_the_cpu_default_and_grouped_under_compile():
+    layer = MHMoE(d_model=8, num_heads=2, num_experts=3, top_k=1, d_expert=4)
+    x = torch.randn(2, 4)
+    assert layer.experts.resolve_implementation(x) == "blocked"
+    layer.experts.implementation = "grouped"
+    assert layer.experts.resolve_implementation(x) == "grouped"
+    layer.experts.implementation = "fast"
+    with pytest.raises(ValueError, match="implementation='fast'"):
+        layer.experts.resolve_implementation(x)
+    layer.experts.implementation = None
+    layer.experts.use_grouped_mm = False  # an explicit grouped-path setting selects it
+    assert layer.experts.resolve_implementation(x) == "grouped"
+
+
+def test_subclass_with_own_forward_is_not_bypassed():
+    """BitNet's BitExperts overrides forward: the blocked path (raw w1/w3/w2) must not run."""
+    from mhmoe.layers.experts import Experts
+
+    class ScaledExperts(Experts):
+        def forward(self, x_MS, offsets_E, counts_E=None):
+            return 2 * super().forward(x_MS, offsets_E, counts_E)
+
+    torch.manual_seed(0)
+    layer = MHMoE(d_model=8, num_heads=2, num_experts=3, top_k=2, d_expert=4).double()
+    y, _ = layer(torch.ones(5, 8, dtype=torch.float64))
+    scaled = ScaledExperts(3, 4, 4).double()
+    scaled.load_state_dict(layer.experts.state_dict())
+    layer.experts = scaled
+    assert scaled.resolve_implementation(torch.ones(1)) == "grouped"
+    y2, _ = layer(torch.ones(5, 8, dtype=torch.float64))
+    torch.testing.assert_close(y2, 2 * y)
+
+
+def test_no_grad_inputs_and_inference():
+    """Inputs without grad (no head layer, frozen weights) and no_grad inference both work."""
+    torch.manual_seed(0)
+    layer = MHMoE(d_model=12, num_heads=1, num_experts=4, top_k=2, d_expert=8,
+                  head_layer=False, merge_layer=False).double()
+    x = torch.randn(9, 12, dtype=torch.float64)  # no grad on x
+    y, aux = layer(x)
+    y.sum().backward()
+    ref_layer = MHMoE(d_model=12, num_heads=1, num_experts=4, top_k=2, d_expert=8,
+                      head_layer=False, merge_layer=False).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    y_ref, _ = ref_layer.forward_reference(x)
+    y_ref.sum().backward()
+    for p, q in zip(layer.parameters(), ref_layer.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x)[0], y_ref.detach(), rtol=1e-12, atol=1e-12)
+    layer.router.weight.requires_grad_(False)  # combine weights without grad
+    y, _ = layer(x)
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_block_backward_equals_autograd(swiglu):
+    torch.manual_seed(0)
+    rows, d_in, d_hidden = 7, 5, 6
+    x = torch.randn(rows, d_in, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(d_hidden, d_in, dtype=torch.float64, requires_grad=True)
+    w3 = torch.randn(d_hidden, d_in, dtype=torch.float64, requires_grad=True) if swiglu else None
+    w2 = torch.randn(d_in, d_hidden, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(rows, 1, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(rows, d_in, dtype=torch.float64)
+    w_up = fused_up_weight(w1.unsqueeze(0), w3.unsqueeze(0) if swiglu else None)[0]  # (G, S)
+    y, hidden = block_forward(x, w_up, w2, swiglu)
+    expected = torch.autograd.grad((y * weight * grad).sum(), [x, w_up, w2, weight])
+    for h in (None, hidden.detach()):
+        g_up, g_w2, g_x = torch.empty_like(w_up), torch.empty_like(w2), torch.empty_like(x)
+        with torch.no_grad():
+            g_weight = block_backward(x, grad, weight, w_up, w2, swiglu, g_up, g_w2, g_x, h_rG=h)
+        for got, want in zip([g_x, g_up, g_w2, g_weight.unsqueeze(1)], expected):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_peers_compute_the_same_layer():
+    """The benchmark's peers (loop, GShard with ample capacity, HF when installed) compute
+    our layer's output on copied weights."""
+    from mhmoe import bench
+
+    torch.manual_seed(0)
+    layer = MHMoE(d_model=24, num_heads=3, num_experts=6, top_k=2, d_expert=16)
+    x = torch.randn(40, 24)
+    y_ours, _ = layer(x)
+    peers = ["loop", "grouped"] + [p for p in ("hf_eager", "hf_grouped_mm") if bench.hf_available(bench.HF_IMPLEMENTATIONS[p])]
+    for name in peers:
+        out = bench.build_peer(name, layer)(x)
+        y = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(y, y_ours, rtol=1e-4, atol=1e-5, msg=name)
+    gshard = bench.build_peer("gshard", layer, capacity_factor=100.0, group_size=16)
+    torch.testing.assert_close(gshard(x), y_ours, rtol=1e-4, atol=1e-5)
