@@ -302,3 +302,20 @@ def test_unaligned_sizes_fall_back_instead_of_crashing():
     y, _ = layer(x)
     y.sum().backward()
     torch.testing.assert_close(y, layer.forward_reference(x)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4, 6])
+def test_top_k_experts_matches_torch_topk_values_ids_and_gradient(top_k):
+    from mhmoe.layers.routing import top_k_experts
+
+    torch.manual_seed(top_k)
+    logits = torch.randn(50, 12, dtype=torch.float64, requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    weights, ids = top_k_experts(probs, top_k)
+    ref_weights, ref_ids = torch.topk(probs, top_k, dim=-1)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights)
+    upstream = torch.randn(50, top_k, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((weights * upstream).sum(), logits, retain_graph=True)
+    (ref_grad,) = torch.autograd.grad((ref_weights * upstream).sum(), logits)
+    torch.testing.assert_close(grad, ref_grad)

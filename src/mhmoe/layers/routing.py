@@ -60,7 +60,7 @@ class TopKRouter(nn.Module):
         with torch.autocast(device_type=x_NS.device.type, enabled=False):
             logits_NE = F.linear(x_NS.float(), self.weight.float())
         probs_NE = torch.softmax(logits_NE, dim=-1)
-        weights_NK, expert_ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+        weights_NK, expert_ids_NK = top_k_experts(probs_NE, self.top_k)
         if self.normalize_top_k:
             weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
         return RouterOutput(logits_NE, probs_NE, weights_NK, expert_ids_NK)
@@ -70,6 +70,26 @@ class TopKRouter(nn.Module):
             f"d_in={self.weight.shape[1]}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"normalize_top_k={self.normalize_top_k}"
         )
+
+
+def top_k_experts(probs_NE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights_NK, ids_NK): the k largest probabilities of each row, in descending order.
+
+    On CPU with small k (MH-MoE h=3 routes 3 * T sub-tokens top-3 over 96 experts) k rounds of
+    ``max`` are about twice as fast as ``torch.topk``; the ids are chosen without autograd and the
+    weights gathered, so the gradient is the same as topk's.
+    """
+    if probs_NE.device.type != "cpu" or top_k > 4:
+        return torch.topk(probs_NE, top_k, dim=-1)
+    with torch.no_grad():
+        remaining_NE = probs_NE.detach().clone()
+        ids = []
+        for _ in range(top_k):
+            best_N1 = remaining_NE.argmax(dim=-1, keepdim=True)
+            ids.append(best_N1)
+            remaining_NE.scatter_(1, best_N1, -1.0)  # probabilities are >= 0: never chosen again
+        expert_ids_NK = torch.cat(ids, dim=1)
+    return probs_NE.gather(1, expert_ids_NK), expert_ids_NK
 
 
 def load_balancing_loss(
