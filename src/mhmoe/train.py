@@ -21,7 +21,16 @@ Resumption continues the same run exactly: model, optimiser, data-sampler positi
 RNG states of torch (CPU and CUDA), ``random`` and numpy, and the step (the schedule is a pure
 function of the step). On CPU, an interrupted and resumed run produces bit-identical losses to
 an uninterrupted one (tested). Lines of metrics.jsonl written after the checkpoint that a
-resumed run starts from are dropped, so the file reads as one uninterrupted run.
+resumed run starts from are dropped, so the file reads as one uninterrupted run. ``--resume``
+removes leftovers of a killed save and continues from the newest *intact* checkpoint (a
+corrupted one is skipped with a warning; ``mhmoe.checkpoint.find_resume_checkpoint``).
+
+Numerical guard: a step whose loss, aux loss or gradient norm is not finite is skipped (no
+parameter or optimiser-state update; the step, data position and schedule still advance) and
+counted (``skipped_steps`` in metrics.jsonl, saved in checkpoints); ``max_skipped_steps``
+consecutive skips stop the run with ``mhmoe.validation.NonFiniteError`` naming the step, the
+values, the first module whose output and the first parameter whose gradient went non-finite.
+See docs/reliability.md.
 
 Two layers:
 
@@ -122,6 +131,7 @@ class TrainConfig:
     (the paper's 50k and 100k of 100k steps: 0.5 and 1.0) and every ``eval_every`` steps.
     Checkpoints are written every ``save_every`` steps, at every evaluation and at the end; the
     ``keep_checkpoints`` newest periodic ones are kept, evaluation and final ones always.
+    ``max_skipped_steps`` consecutive non-finite steps stop the run (module docstring).
     """
 
     total_steps: int
@@ -186,6 +196,8 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: must be one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.eval_fractions, tuple):
+            raise ValueError(f"eval_fractions={self.eval_fractions!r}: must be a list of numbers in (0, 1]")
         for fraction in self.eval_fractions:
             _number("eval_fractions", fraction, low=0, high=1, low_inclusive=False)
         if not isinstance(self.device, str) or not self.device:
