@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.layers.feed_forward import FeedForward
 from mhmoe.layers.mh_moe import MHMoE, build_ffn
 
 log = logging.getLogger(__name__)
