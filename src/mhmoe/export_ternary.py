@@ -39,9 +39,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
+from mhmoe.atomic import atomic_write_bytes, atomic_write_text
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.routing import TopKRouter
 from mhmoe.quant import (
@@ -237,37 +238,12 @@ class TernaryRouter(_BitRouterMath, nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary sibling, then os.replace onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_json(path: Path, data: Any) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    _atomic_write_bytes(path, write)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    _atomic_write_bytes(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from mhmoe.data._atomic import atomic_write_text
+from mhmoe.atomic import atomic_write_text
 from mhmoe.data.cache import TokenSet, build_caches, load_cache, normalize_key
 from mhmoe.data.sources import DEFAULT_TEXT_FIELD, DatasetLoader, Source, cap_bytes, open_source
 from mhmoe.data.splits import DEFAULT_HELDOUT_FRACTION, split_heldout, validate_eval_name, validate_heldout_fraction

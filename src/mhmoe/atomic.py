@@ -9,11 +9,12 @@ hidden (leading dot) and removed on any error.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def fsync_directory(directory: Path) -> None:
@@ -50,5 +51,15 @@ def atomic_binary_writer(destination: Path) -> Iterator[BinaryIO]:
 
 def atomic_write_text(destination: Path, text: str) -> None:
     """Write UTF-8 ``text`` to ``destination`` atomically."""
+    atomic_write_bytes(destination, text.encode("utf-8"))
+
+
+def atomic_write_bytes(destination: Path, data: bytes) -> None:
+    """Write ``data`` to ``destination`` atomically."""
     with atomic_binary_writer(destination) as handle:
-        handle.write(text.encode("utf-8"))
+        handle.write(data)
+
+
+def atomic_write_json(destination: Path, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON to ``destination`` atomically."""
+    atomic_write_text(destination, json.dumps(data, indent=2, sort_keys=True) + "\n")
