@@ -40,8 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mhmoe.layers.experts import Experts
-from mhmoe.layers.moe import MoEAux, sort_assignments
-from mhmoe.layers.routing import TopKRouter, load_balancing_loss, router_z_loss
+from mhmoe.layers.moe import MoEAux, combine_assignments, routing_aux, sort_assignments
+from mhmoe.layers.routing import TopKRouter
 
 logger = logging.getLogger(__name__)
 
@@ -209,22 +209,8 @@ class ExpertParallelDispatch:
         inverse_Q[order_Q] = torch.arange(order_Q.numel(), device=order_Q.device)
         y_QS = y_local_QS[inverse_Q]
         y_RS = all_to_all_single_autograd(y_QS, input_splits, output_splits, self.group)
-        y_MS = y_RS.new_zeros(num_units * top_k, d_unit).index_copy(0, kept_order_R, y_RS)
-        y_NKS = y_MS.view(num_units, top_k, d_unit)  # (M, S) -> (N, K, S)
-        weights_N1K = route.weights_NK.to(y_NKS.dtype).unsqueeze(1)
-        y_NS = torch.bmm(weights_N1K, y_NKS).squeeze(1)  # sum_k w_nk * y_nk
-
-        num_assignments = max(num_units * top_k, 1)
-        aux = MoEAux(
-            load_balancing_loss=load_balancing_loss(route.probs_NE, tokens_per_expert_E),
-            z_loss=router_z_loss(route.logits_NE),
-            tokens_per_expert=tokens_per_expert_E,
-            dropped_fraction=torch.tensor(1.0 - kept_order_R.numel() / num_assignments)
-            if capacity_factor is not None
-            else torch.tensor(0.0),
-            expert_ids=route.expert_ids_NK.detach(),
-        )
-        return y_NS, aux
+        y_NS = combine_assignments(y_RS, kept_order_R, route.weights_NK)
+        return y_NS, routing_aux(route, tokens_per_expert_E, kept_order_R.numel(), capacity_factor)
 
 
 def shard_experts(experts: Experts, ep_size: int, ep_rank: int) -> None:

@@ -39,7 +39,7 @@ import torch
 
 from mhmoe.layers import experts as _experts
 from mhmoe.layers.experts import Experts, block_backward, block_forward, fused_up_weight
-from mhmoe.layers.routing import TopKRouter, load_balancing_loss, router_z_loss
+from mhmoe.layers.routing import RouterOutput, TopKRouter, load_balancing_loss, router_z_loss
 
 
 @dataclass
@@ -211,7 +211,7 @@ def moe_dispatch(
     """Top-k MoE over N routed units: y_n = sum_k G(x_n)_k * Expert_{id_nk}(x_n)."""
     num_units, d_unit = x_NS.shape
     route = router(x_NS)
-    num_experts, top_k = router.num_experts, router.top_k
+    num_experts = router.num_experts
 
     kept_order_R, kept_counts_E, tokens_per_expert_E = sort_assignments(
         route.expert_ids_NK, num_experts, capacity_factor
@@ -229,17 +229,38 @@ def moe_dispatch(
     else:
         y_NS = _grouped_dispatch(x_NS, route.weights_NK, experts, kept_order_R, kept_counts_E)
 
-    num_assignments = max(num_units * top_k, 1)
-    aux = MoEAux(
+    return y_NS, routing_aux(route, tokens_per_expert_E, kept_order_R.numel(), capacity_factor)
+
+
+def routing_aux(
+    route: RouterOutput,
+    tokens_per_expert_E: torch.Tensor,
+    kept_assignments: int,
+    capacity_factor: float | None,
+) -> MoEAux:
+    """The losses and counts every dispatch reports (``MoEAux``)."""
+    num_assignments = max(route.expert_ids_NK.numel(), 1)
+    return MoEAux(
         load_balancing_loss=load_balancing_loss(route.probs_NE, tokens_per_expert_E),
         z_loss=router_z_loss(route.logits_NE),
         tokens_per_expert=tokens_per_expert_E,
-        dropped_fraction=torch.tensor(1.0 - kept_order_R.numel() / num_assignments)
+        dropped_fraction=torch.tensor(1.0 - kept_assignments / num_assignments)
         if capacity_factor is not None
         else torch.tensor(0.0),
         expert_ids=route.expert_ids_NK.detach(),
     )
-    return y_NS, aux
+
+
+def combine_assignments(
+    y_RS: torch.Tensor, kept_order_R: torch.Tensor, weights_NK: torch.Tensor
+) -> torch.Tensor:
+    """Step 4: rows sorted by expert back to assignment order m = n*K + k (dropped ones stay
+    zero), then y_n = sum_k w_nk * y_nk."""
+    num_units, top_k = weights_NK.shape
+    y_MS = y_RS.new_zeros(num_units * top_k, y_RS.shape[1]).index_copy(0, kept_order_R, y_RS)
+    y_NKS = y_MS.view(num_units, top_k, y_RS.shape[1])  # (M, S) -> (N, K, S)
+    weights_N1K = weights_NK.to(y_NKS.dtype).unsqueeze(1)
+    return torch.bmm(weights_N1K, y_NKS).squeeze(1)  # sum_k w_nk * y_nk
 
 
 def _grouped_dispatch(
@@ -256,12 +277,7 @@ def _grouped_dispatch(
     x_RS = x_NS[unit_of_row_R]  # gather rows, sorted by expert
     offsets_E = torch.cumsum(kept_counts_E, 0).to(torch.int32)
     y_RS = experts(x_RS, offsets_E)
-
-    # Back to assignment order m = n*K + k; dropped assignments stay zero.
-    y_MS = y_RS.new_zeros(num_units * top_k, d_unit).index_copy(0, kept_order_R, y_RS)
-    y_NKS = y_MS.view(num_units, top_k, d_unit)  # (M, S) -> (N, K, S)
-    weights_N1K = weights_NK.to(y_NKS.dtype).unsqueeze(1)
-    return torch.bmm(weights_N1K, y_NKS).squeeze(1)  # sum_k w_nk * y_nk
+    return combine_assignments(y_RS, kept_order_R, weights_NK)
 
 
 def moe_dispatch_reference(
