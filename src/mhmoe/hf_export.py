@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save_file as safetensors_save_file
 
+from mhmoe.atomic import fsync_directory
 from mhmoe.model import ModelConfig, TransformerLM
 
 logger = logging.getLogger(__name__)
@@ -294,19 +295,6 @@ def _write_json(path: Path, data: Any) -> None:
     _write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _replaceable(out: Path) -> bool:
     """Whether an existing ``out`` may be replaced: an empty folder or an earlier mhmoe export."""
     if not out.is_dir():
@@ -339,7 +327,7 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_directory(out.parent)
 
 
 def export_model(
@@ -391,7 +379,7 @@ def export_model(
         _write_bytes(tmp / TOKENIZER_FILE, tokenizer_json.encode("utf-8"))
         _write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config)
         _write_json(tmp / GENERATION_CONFIG_FILE, generation_config)
-        _fsync_dir(tmp)
+        fsync_directory(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
         _publish(tmp, out)
     except BaseException:
