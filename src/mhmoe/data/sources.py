@@ -85,6 +85,18 @@ class Source:
         return self.documents()
 
 
+def _text_field(record: Mapping, text_field: str, where: str) -> str:
+    """The string under ``text_field`` of one record (a .jsonl line, a dataset row); ``where``
+    names the record in errors."""
+    if text_field not in record:
+        keys = ", ".join(sorted(map(str, record))) or "none"
+        raise ValueError(f"{where}: no {text_field!r} field (fields: {keys}); choose the field with the text_field option")
+    value = record[text_field]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
 def open_source(
     spec: str,
     *,
@@ -212,13 +224,7 @@ def read_jsonl(path: Path, *, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[
                 raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno}); .jsonl needs one JSON object per line") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
-            if text_field not in record:
-                keys = ", ".join(sorted(map(str, record))) or "none"
-                raise ValueError(f"{where}: no {text_field!r} field (fields: {keys}); choose the field with the text_field option")
-            value = record[text_field]
-            if not isinstance(value, str):
-                raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(value).__name__}")
-            yield value
+            yield _text_field(record, text_field, where)
 
 
 def read_parquet(path: Path, *, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
@@ -338,13 +344,7 @@ def hf_source(
                 f"{spec}: could not load the dataset ({type(err).__name__}: {err}); check the name, config, split and network access"
             ) from err
         for row_number, row in enumerate(dataset, start=1):
-            if text_field not in row:
-                fields = ", ".join(sorted(map(str, row))) or "none"
-                raise ValueError(f"{spec}: row {row_number}: no {text_field!r} field (fields: {fields}); choose it with the text_field option")
-            value = row[text_field]
-            if not isinstance(value, str):
-                raise ValueError(f"{spec}: row {row_number}: field {text_field!r} must be a string, got {type(value).__name__}")
-            yield value
+            yield _text_field(row, text_field, f"{spec}: row {row_number}")
 
     description = f"Hugging Face dataset {name}" + (f" ({config})" if config else "") + f" split {split}"
     return Source(spec=spec, description=description, fingerprint=fingerprint, reader=_skip_empty(read))
