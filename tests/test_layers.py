@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from mhmoe import FeedForward, MHMoE, MoE, MoEConfig, build_ffn, DenseConfig
 from mhmoe.layers.experts import grouped_mm, grouped_mm_supported, segment_mm
 from mhmoe.layers.moe import sort_assignments
-from mhmoe.layers.routing import TopKRouter, load_balancing_loss, router_z_loss
+from mhmoe.layers.routing import TopKRouter, load_balancing_loss, route_logits, router_z_loss
 
 
 def _grads(layer: torch.nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tensor, list]:
@@ -319,3 +319,179 @@ def test_top_k_experts_matches_torch_topk_values_ids_and_gradient(top_k):
     (grad,) = torch.autograd.grad((weights * upstream).sum(), logits, retain_graph=True)
     (ref_grad,) = torch.autograd.grad((ref_weights * upstream).sum(), logits)
     torch.testing.assert_close(grad, ref_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused router (route_logits, one autograd node) against the plain-autograd formulation
+
+
+def _plain_route(logits_NE: torch.Tensor, top_k: int, normalize_top_k: bool):
+    """The router as plain autograd (how it was written before route_logits): softmax, top-k
+    with exact ties to the lowest expert index (a stable descending sort), renormalise, and the
+    two losses from their public formulas."""
+    probs_NE = torch.softmax(logits_NE, dim=-1)
+    ids_NK = torch.sort(probs_NE.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    return _plain_route_with_ids(logits_NE, ids_NK, normalize_top_k)
+
+
+def _plain_route_with_ids(logits_NE: torch.Tensor, ids_NK: torch.Tensor, normalize_top_k: bool):
+    probs_NE = torch.softmax(logits_NE, dim=-1)
+    weights_NK = probs_NE.gather(1, ids_NK)
+    if normalize_top_k:
+        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+    counts_E = torch.bincount(ids_NK.reshape(-1), minlength=logits_NE.shape[1])
+    return (weights_NK, ids_NK, load_balancing_loss(probs_NE, counts_E), router_z_loss(logits_NE))
+
+
+def _fused_route(logits_NE: torch.Tensor, top_k: int, normalize_top_k: bool):
+    route = route_logits(logits_NE, top_k, normalize_top_k)
+    counts_E = torch.bincount(route.expert_ids_NK.reshape(-1), minlength=logits_NE.shape[1])
+    return (route.weights_NK, route.expert_ids_NK, route.load_balancing_loss_value(counts_E),
+            route.z_loss_value())
+
+
+def _route_objective(outputs, upstream_NK: torch.Tensor) -> torch.Tensor:
+    weights_NK, _, lb, z = outputs
+    return (weights_NK * upstream_NK).sum() + 0.7 * lb + 0.3 * z
+
+
+def _make_logits(num_units, num_experts, ties, seed, dtype):
+    generator = torch.Generator().manual_seed(seed)
+    if ties == "integers":  # many exact ties, within and across rows
+        logits = torch.randint(0, 3, (num_units, num_experts), generator=generator).to(dtype)
+    elif ties == "constant":  # every expert tied
+        logits = torch.full((num_units, num_experts), 0.25, dtype=dtype)
+    else:
+        logits = torch.randn(num_units, num_experts, generator=generator, dtype=dtype) * 2
+    return logits
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_units=st.sampled_from([0, 1, 2, 7, 33]),
+    num_experts=st.integers(1, 12),
+    top_k=st.integers(1, 12),
+    normalize=st.booleans(),
+    ties=st.sampled_from(["none", "integers", "constant"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_router_equals_plain_autograd_float64(num_units, num_experts, top_k, normalize, ties, seed):
+    top_k = min(top_k, num_experts)
+    logits = _make_logits(num_units, num_experts, ties, seed, torch.float64).requires_grad_()
+    upstream = torch.randn(num_units, top_k, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(seed + 1))
+    fused = _fused_route(logits, top_k, normalize)
+    if top_k <= 4 or ties == "none":
+        plain = _plain_route(logits, top_k, normalize)
+        assert torch.equal(fused[1], plain[1])
+    else:  # k > 4 selects with torch.topk, which orders exact ties its own way
+        assert torch.equal(fused[1], torch.topk(torch.softmax(logits, -1), top_k, dim=-1).indices)
+        plain = _plain_route_with_ids(logits, fused[1], normalize)
+    for got, want in zip((fused[0], fused[2], fused[3]), (plain[0], plain[2], plain[3])):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    (grad,) = torch.autograd.grad(_route_objective(fused, upstream), logits)
+    (grad_ref,) = torch.autograd.grad(_route_objective(plain, upstream), logits)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("num_experts,top_k", [(1, 1), (5, 5), (8, 1), (96, 3), (40, 2), (10, 4), (10, 6)])
+def test_fused_router_gradients_reach_router_weight_and_input_float64(num_experts, top_k, normalize):
+    torch.manual_seed(num_experts + top_k)
+    weight = torch.randn(num_experts, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(50, top_k, dtype=torch.float64)
+    grads = []
+    for route in (_fused_route, _plain_route):
+        outputs = route(torch.nn.functional.linear(x, weight), top_k, normalize)
+        grads.append(torch.autograd.grad(_route_objective(outputs, upstream), (weight, x)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("ties", ["none", "integers", "constant", "near"])
+@pytest.mark.parametrize("num_experts,top_k", [(96, 3), (8, 1), (16, 2), (40, 2), (7, 4), (3, 3), (130, 4), (1, 1)])
+def test_float32_router_ids_are_exactly_the_plain_ones(num_experts, top_k, ties):
+    """The CPU float32 path selects through packed integer keys (``_top_k_ids_packed``): the ids
+    must be exactly the argmax rounds' ones, exact ties (lowest index first) and near ties
+    (probabilities a few ulps apart, which share a key bucket) included."""
+    num_units = 3000
+    if ties == "near":
+        generator = torch.Generator().manual_seed(num_experts)
+        base = torch.randn(num_units, 1, generator=generator)
+        steps = torch.randint(-3, 4, (num_units, num_experts), generator=generator)
+        logits = base + steps * 4e-7 * base.abs()  # a few ulps apart: probabilities near-tied
+        logits[::2] = torch.randn(num_units // 2, num_experts, generator=generator)
+    else:
+        logits = _make_logits(num_units, num_experts, ties, num_experts, torch.float32)
+    route = route_logits(logits, top_k, top_k > 1)
+    want = _plain_route(logits, top_k, top_k > 1)
+    assert torch.equal(route.expert_ids_NK, want[1])
+    torch.testing.assert_close(route.weights_NK, want[0])
+    torch.testing.assert_close(route.probs_NE, torch.softmax(logits, -1), rtol=0, atol=0)
+
+
+def test_float32_router_layer_losses_and_gradients_match_plain_formulas():
+    """TopKRouter (float32 logits) through route_logits vs the plain formulas on its logits,
+    gradients w.r.t. the router weight and the input included, at float32 precision."""
+    torch.manual_seed(0)
+    router = TopKRouter(d_in=16, num_experts=24, top_k=3)
+    x = torch.randn(300, 16, requires_grad=True)
+    upstream = torch.randn(300, 3)
+    route = router(x)
+    counts_E = torch.bincount(route.expert_ids_NK.reshape(-1), minlength=24)
+    fused = (route.weights_NK, route.expert_ids_NK, route.load_balancing_loss_value(counts_E),
+             route.z_loss_value())
+    plain = _plain_route(torch.nn.functional.linear(x, router.weight), 3, True)
+    assert torch.equal(fused[1], plain[1])
+    grads = [torch.autograd.grad(_route_objective(out, upstream), (router.weight, x)) for out in (fused, plain)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_router_empty_input_and_missing_output_gradients():
+    logits = torch.zeros(0, 5, requires_grad=True)
+    route = route_logits(logits, 2, True)
+    assert route.weights_NK.shape == route.expert_ids_NK.shape == (0, 2)
+    lb = route.load_balancing_loss_value(torch.zeros(5, dtype=torch.long))
+    z = route.z_loss_value()
+    assert lb.item() == z.item() == 0.0
+    (grad,) = torch.autograd.grad(lb + z + route.weights_NK.sum(), logits)
+    assert grad.shape == (0, 5)
+    # Only some outputs used: the unused ones contribute nothing.
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    for pick in range(3):
+        fused = _fused_route(logits, 2, False)
+        plain = _plain_route(logits, 2, False)
+        term = [lambda o: o[0].square().sum(), lambda o: o[2], lambda o: o[3]][pick]
+        (grad,) = torch.autograd.grad(term(fused), logits)
+        (grad_ref,) = torch.autograd.grad(term(plain), logits)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_router_backward_twice_through_a_retained_graph():
+    """The node keeps what its backward needs: a second backward gives the same gradient and
+    leaves the first one untouched."""
+    torch.manual_seed(0)
+    logits = torch.randn(40, 24, requires_grad=True)
+    route = route_logits(logits, 3, True)
+    counts_E = torch.bincount(route.expert_ids_NK.reshape(-1), minlength=24)
+    objective = ((route.weights_NK * torch.randn(40, 3)).sum()
+                 + route.load_balancing_loss_value(counts_E) + route.z_loss_value())
+    (first,) = torch.autograd.grad(objective, logits, retain_graph=True)
+    first_copy = first.clone()
+    (second,) = torch.autograd.grad(objective, logits)
+    assert torch.equal(first, first_copy)
+    assert torch.equal(first, second)
+
+
+def test_fused_router_accepts_non_contiguous_logits():
+    torch.manual_seed(0)
+    logits_EN = torch.randn(24, 300, requires_grad=True)
+    upstream = torch.randn(300, 3)
+    fused = _fused_route(logits_EN.t(), 3, True)
+    plain = _plain_route(logits_EN.t(), 3, True)
+    assert torch.equal(fused[1], plain[1])
+    (grad,) = torch.autograd.grad(_route_objective(fused, upstream), logits_EN)
+    (grad_ref,) = torch.autograd.grad(_route_objective(plain, upstream), logits_EN)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)

@@ -77,6 +77,9 @@ def test_blocked_path_is_the_cpu_default_and_grouped_under_compile():
     layer = MHMoE(d_model=8, num_heads=2, num_experts=3, top_k=1, d_expert=4)
     x = torch.randn(2, 4)
     assert layer.experts.resolve_implementation(x) == "blocked"
+    many = experts_module.BLOCKED_MIN_ROWS_PER_EXPERT
+    assert layer.experts.resolve_implementation(x, rows_per_expert=many) == "blocked"
+    assert layer.experts.resolve_implementation(x, rows_per_expert=many - 1) == "grouped"
     layer.experts.implementation = "grouped"
     assert layer.experts.resolve_implementation(x) == "grouped"
     layer.experts.implementation = "fast"
@@ -106,11 +109,13 @@ def test_subclass_with_own_forward_is_not_bypassed():
     torch.testing.assert_close(y2, 2 * y)
 
 
-def test_no_grad_inputs_and_inference():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_no_grad_inputs_and_inference(implementation):
     """Inputs without grad (no head layer, frozen weights) and no_grad inference both work."""
     torch.manual_seed(0)
     layer = MHMoE(d_model=12, num_heads=1, num_experts=4, top_k=2, d_expert=8,
                   head_layer=False, merge_layer=False).double()
+    layer.experts.implementation = implementation
     x = torch.randn(9, 12, dtype=torch.float64)  # no grad on x
     y, aux = layer(x)
     y.sum().backward()

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhmoe.layers.experts import Experts, grouped_mm
-from mhmoe.layers.routing import RouterOutput, TopKRouter
+from mhmoe.layers.routing import RouterOutput, TopKRouter, route_logits
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class _BitExpertsMath:
     def quantized_weights(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def resolve_implementation(self, x: torch.Tensor) -> str:
+    def resolve_implementation(self, x: torch.Tensor, rows_per_expert: float | None = None) -> str:
         """Always "grouped": ``moe_dispatch`` then calls ``forward`` below.
 
         The fused CPU "blocked" path of ``mhmoe.layers.moe`` reads the raw stacked weights and
@@ -396,14 +396,11 @@ class _BitRouterMath:
         raise NotImplementedError
 
     def forward(self, x_NS: torch.Tensor) -> RouterOutput:
-        # Same semantics as TopKRouter.forward (float32 logits, softmax, top-k, renormalise).
+        # Same semantics and code as TopKRouter.forward (float32 logits, then route_logits:
+        # softmax, top-k, renormalise, the loss statistics).
         with torch.autocast(device_type=x_NS.device.type, enabled=False):
             logits_NE = F.linear(activation_quant(x_NS).float(), self.quantized_weight().float())
-        probs_NE = torch.softmax(logits_NE, dim=-1)
-        weights_NK, expert_ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)
-        if self.normalize_top_k:
-            weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
-        return RouterOutput(logits_NE, probs_NE, weights_NK, expert_ids_NK)
+        return route_logits(logits_NE, self.top_k, self.normalize_top_k)
 
 
 class BitRouter(_BitRouterMath, TopKRouter):

@@ -13,7 +13,9 @@ Two ways to run the experts over rows sorted by expert (``Experts.implementation
   ``torch._grouped_mm`` where the running torch supports it for the device and dtype (CPU in
   torch >= 2.9 and CUDA sm90+, float32/bfloat16/float16), and otherwise a segment loop of plain
   matmuls (float64, older torch). Autograd records every op; the whole (M, F) hidden
-  activations are materialised and saved. Used on GPUs and under ``torch.compile``.
+  activations are materialised and saved (gate and up in one grouped matmul against
+  ``cat(w1, w3)``). Used on GPUs, under ``torch.compile``, and on CPU when the experts get
+  few rows each (``BLOCKED_MIN_ROWS_PER_EXPERT``), where it issues far fewer ops.
 * ``"blocked"``: expert by expert, the up projection(s), activation and down projection run on
   one block of rows while it is in cache (``block_forward`` / ``block_backward``), gate and up
   fused into one matmul against ``cat(w1, w3)`` (E, 2F, S). The hidden pre-activations are
@@ -21,9 +23,9 @@ Two ways to run the experts over rows sorted by expert (``Experts.implementation
   recomputed in backward (one extra up-projection matmul), which on CPU is cheaper than
   writing them to memory and reading them back. The caller
   (``mhmoe.layers.moe``) wraps it in one autograd Function with the gather and the combine.
-  On CPU this is the fast path: element-wise SwiGLU work on an in-cache block runs ~5x faster
-  than over the whole (M, F) tensor, and the matmuls see the same shapes as ``_grouped_mm``
-  (which on CPU is itself a loop of per-expert matmuls).
+  On CPU with many rows per expert this is the fast path: element-wise SwiGLU work on an
+  in-cache block runs ~5x faster than over the whole (M, F) tensor, and the matmuls see the
+  same shapes as ``_grouped_mm`` (which on CPU is itself a loop of per-expert matmuls).
 
 Both are tested against the per-expert loop reference (``forward_one``).
 """
@@ -106,6 +108,10 @@ def grouped_mm(
     ``offsets_E`` are the int32 cumulative row counts (the end of each expert's block);
     ``counts_E`` the same as a Python list for the fallback (computed when not given).
     """
+    if w_EFS.dtype != x_MS.dtype:
+        # Autocast does not cover torch._grouped_mm on every device (not on CPU): cast as
+        # autocast would, to the activations' dtype.
+        w_EFS = w_EFS.to(x_MS.dtype)
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x_MS.device.type, x_MS.dtype)
     if use_grouped_mm and grouped_mm_aligned(x_MS, w_EFS):
@@ -121,6 +127,12 @@ IMPLEMENTATIONS = ("blocked", "grouped")
 SAVE_HIDDEN_MAX_BYTES = 48 * 2**20
 """"blocked": hidden pre-activations of all experts up to this size are saved for backward;
 larger ones are recomputed there (see the module docstring)."""
+
+BLOCKED_MIN_ROWS_PER_EXPERT = 768
+"""CPU: the mean rows per expert from which "blocked" beats "grouped". Measured (2 threads,
+d_model 192, SMoE and MH-MoE h=3 forward + backward, ``docs/benchmarks.md``): grouped is
+1.1-1.7x faster at 96-256 rows per expert, the two are within 10% at 384-512, blocked is
+1.3-1.9x faster at 768-2048."""
 
 _silu_backward = torch.ops.aten.silu_backward
 _threshold_backward = torch.ops.aten.threshold_backward
@@ -237,12 +249,15 @@ class Experts(nn.Module):
             bound = param.shape[-1] ** -0.5
             nn.init.uniform_(param, -bound, bound)
 
-    def resolve_implementation(self, x: torch.Tensor) -> str:
+    def resolve_implementation(self, x: torch.Tensor, rows_per_expert: float | None = None) -> str:
         """The implementation ``moe_dispatch`` uses for input ``x`` (see the module docstring).
 
         ``implementation`` when set; otherwise "grouped" for subclasses that override
-        ``forward`` (their math must run), when ``use_grouped_mm`` is set explicitly, on GPUs and
-        under ``torch.compile``; "blocked" on CPU.
+        ``forward`` (their math must run), when ``use_grouped_mm`` is set explicitly, on GPUs,
+        under ``torch.compile``, and on CPU when the experts get few rows each
+        (``rows_per_expert`` = assignments / experts below ``BLOCKED_MIN_ROWS_PER_EXPERT``:
+        there the blocked path's ~25 small ops per expert cost more than the grouped path's
+        large temporaries); "blocked" on CPU otherwise.
         """
         if self.implementation is not None:
             if self.implementation not in IMPLEMENTATIONS:
@@ -257,9 +272,11 @@ class Experts(nn.Module):
             return "grouped"
         if self.use_grouped_mm is not None:
             return "grouped"  # an explicit choice of the grouped path's matmul
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return "blocked"
-        return "grouped"
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return "grouped"
+        if rows_per_expert is not None and rows_per_expert < BLOCKED_MIN_ROWS_PER_EXPERT:
+            return "grouped"
+        return "blocked"
 
     def forward(
         self, x_MS: torch.Tensor, offsets_E: torch.Tensor, counts_E: list[int] | None = None
@@ -269,7 +286,9 @@ class Experts(nn.Module):
             grouped_mm, offsets_E=offsets_E, counts_E=counts_E, use_grouped_mm=self.use_grouped_mm
         )
         if self.activation == "swiglu":
-            hidden_MF = F.silu(mm(x_MS, self.w1)) * mm(x_MS, self.w3)
+            # Gate and up in one grouped matmul: (M, S) x (E, 2F, S) -> (M, 2F) = [gate | up].
+            gate_MF, up_MF = mm(x_MS, fused_up_weight(self.w1, self.w3)).chunk(2, dim=1)
+            hidden_MF = F.silu(gate_MF) * up_MF
         else:
             hidden_MF = F.relu(mm(x_MS, self.w1))
         return mm(hidden_MF, self.w2)

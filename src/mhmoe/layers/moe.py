@@ -39,7 +39,7 @@ import torch
 
 from mhmoe.layers import experts as _experts
 from mhmoe.layers.experts import Experts, block_backward, block_forward, fused_up_weight
-from mhmoe.layers.routing import RouterOutput, TopKRouter, load_balancing_loss, router_z_loss
+from mhmoe.layers.routing import RouterOutput, TopKRouter
 
 
 @dataclass
@@ -216,7 +216,8 @@ def moe_dispatch(
     kept_order_R, kept_counts_E, tokens_per_expert_E = sort_assignments(
         route.expert_ids_NK, num_experts, capacity_factor
     )
-    if experts.resolve_implementation(x_NS) == "blocked":
+    rows_per_expert = route.expert_ids_NK.numel() / max(num_experts, 1)
+    if experts.resolve_implementation(x_NS, rows_per_expert) == "blocked":
         y_NS = _BlockedDispatch.apply(
             x_NS,
             route.weights_NK.to(x_NS.dtype),
@@ -241,8 +242,9 @@ def routing_aux(
     """The losses and counts every dispatch reports (``MoEAux``)."""
     num_assignments = max(route.expert_ids_NK.numel(), 1)
     return MoEAux(
-        load_balancing_loss=load_balancing_loss(route.probs_NE, tokens_per_expert_E),
-        z_loss=router_z_loss(route.logits_NE),
+        # From the router's P_E and logsumexp_N: no pass over the (N, E) probabilities.
+        load_balancing_loss=route.load_balancing_loss_value(tokens_per_expert_E),
+        z_loss=route.z_loss_value(),
         tokens_per_expert=tokens_per_expert_E,
         dropped_fraction=torch.tensor(1.0 - kept_assignments / num_assignments)
         if capacity_factor is not None
@@ -257,10 +259,43 @@ def combine_assignments(
     """Step 4: rows sorted by expert back to assignment order m = n*K + k (dropped ones stay
     zero), then y_n = sum_k w_nk * y_nk."""
     num_units, top_k = weights_NK.shape
-    y_MS = y_RS.new_zeros(num_units * top_k, y_RS.shape[1]).index_copy(0, kept_order_R, y_RS)
+    y_MS = unsort_rows(y_RS, kept_order_R, num_units * top_k)
     y_NKS = y_MS.view(num_units, top_k, y_RS.shape[1])  # (M, S) -> (N, K, S)
     weights_N1K = weights_NK.to(y_NKS.dtype).unsqueeze(1)
     return torch.bmm(weights_N1K, y_NKS).squeeze(1)  # sum_k w_nk * y_nk
+
+
+def unsort_rows(rows_RS: torch.Tensor, kept_order_R: torch.Tensor, num_assignments: int) -> torch.Tensor:
+    """Rows sorted by expert back to assignment order m = n*K + k: (R, S) -> (M, S); rows of
+    assignments dropped by capacity are zero."""
+    if rows_RS.shape[0] == num_assignments:  # dropless: every row is written
+        rows_MS = rows_RS.new_empty(num_assignments, rows_RS.shape[1])
+    else:
+        rows_MS = rows_RS.new_zeros(num_assignments, rows_RS.shape[1])
+    return rows_MS.index_copy_(0, kept_order_R, rows_RS)
+
+
+class _GatherUnits(torch.autograd.Function):
+    """x_RS = x_NS[unit of each sorted row] (row r holds assignment m = kept_order_R[r], unit
+    m // K).
+
+    Its backward sums each unit's K row gradients as a reshape and a sum: (R, S) -> (M, S)
+    (a copy to assignment order) -> (N, K, S) -> (N, S). Plain indexing would backpropagate
+    through an accumulating ``index_put_``, which runs serially on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x_NS: torch.Tensor, kept_order_R: torch.Tensor, top_k: int):  # type: ignore[override]
+        ctx.save_for_backward(kept_order_R)
+        ctx.num_units, ctx.top_k = x_NS.shape[0], top_k
+        return x_NS.index_select(0, kept_order_R // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_RS: torch.Tensor):  # type: ignore[override]
+        (kept_order_R,) = ctx.saved_tensors
+        grad_MS = unsort_rows(grad_RS.contiguous(), kept_order_R, ctx.num_units * ctx.top_k)
+        d_unit = grad_RS.shape[1]
+        return grad_MS.view(ctx.num_units, ctx.top_k, d_unit).sum(1), None, None
 
 
 def _grouped_dispatch(
@@ -271,10 +306,8 @@ def _grouped_dispatch(
     kept_counts_E: torch.Tensor,
 ) -> torch.Tensor:
     """Steps 2-4 with plain autograd: gather, ``Experts.forward`` (grouped_mm), scatter, bmm."""
-    num_units, d_unit = x_NS.shape
     top_k = weights_NK.shape[1]
-    unit_of_row_R = kept_order_R // top_k
-    x_RS = x_NS[unit_of_row_R]  # gather rows, sorted by expert
+    x_RS = _GatherUnits.apply(x_NS, kept_order_R, top_k)  # gather rows, sorted by expert
     offsets_E = torch.cumsum(kept_counts_E, 0).to(torch.int32)
     y_RS = experts(x_RS, offsets_E)
     return combine_assignments(y_RS, kept_order_R, weights_NK)
@@ -320,8 +353,10 @@ def moe_dispatch_reference(
         y_NS = y_NS.index_add(0, unit_index, weight_R1 * out_RS)
     tokens_per_expert_E = torch.bincount(ids_NK.reshape(-1), minlength=num_experts)
     aux = MoEAux(
-        load_balancing_loss=load_balancing_loss(route.probs_NE, tokens_per_expert_E),
-        z_loss=router_z_loss(route.logits_NE),
+        # The same router statistics as routing_aux: this reference checks the dispatch; the
+        # router's fused math is checked against the plain formulas in tests/test_layers.py.
+        load_balancing_loss=route.load_balancing_loss_value(tokens_per_expert_E),
+        z_loss=route.z_loss_value(),
         tokens_per_expert=tokens_per_expert_E,
         dropped_fraction=torch.tensor(1.0 - kept / max(num_units * top_k, 1)),
         expert_ids=ids_NK.detach(),
