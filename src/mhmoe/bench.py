@@ -10,7 +10,8 @@ MH-MoE h=2 40 x d top-2, h=3 96 x (2/3)d top-3; SwiGLU) are built once, and ever
 implementation ("peer") runs forward + backward on the same input, the same upstream gradient
 and the same weights (copied into the peer's layout):
 
-* ``ours``: the layer as users get it (``MHMoE.forward``; on CPU the blocked dispatch), with its
+* ``ours``: the layer as users get it (``MHMoE.forward``; on CPU the blocked dispatch, or the
+  grouped one when experts get few rows: ``Experts.resolve_implementation``), with its
   load-balancing and z losses computed (the peers compute none: a handicap for ``ours``);
 * ``grouped``: our ``"grouped"`` implementation: sort + ``torch._grouped_mm`` + index_copy +
   bmm under plain autograd (the straightforward implementation, the "before");

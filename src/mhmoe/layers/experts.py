@@ -112,7 +112,16 @@ def grouped_mm(
         # Autocast does not cover torch._grouped_mm on every device (not on CPU): cast as
         # autocast would, to the activations' dtype.
         w_EFS = w_EFS.to(x_MS.dtype)
-    if use_grouped_mm is None:
+    if torch.compiler.is_compiling():
+        # Under torch.compile the op is traced with fake tensors, whose rule for _grouped_mm
+        # (torch 2.13) accepts bfloat16 only: other dtypes take the segment loop, which breaks
+        # the graph at the row counts (docs/benchmarks.md, "torch.compile").
+        use_grouped_mm = (
+            use_grouped_mm is not False
+            and x_MS.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm")
+        )
+    elif use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x_MS.device.type, x_MS.dtype)
     if use_grouped_mm and grouped_mm_aligned(x_MS, w_EFS):
         y_MF = torch._grouped_mm(x_MS, w_EFS.transpose(1, 2), offs=offsets_E)

@@ -70,7 +70,9 @@ def sort_assignments(
     """
     num_units, top_k = expert_ids_NK.shape
     ids_M = expert_ids_NK.reshape(-1)  # (N, K) -> (M,), m = n * K + k
-    tokens_per_expert_E = torch.bincount(ids_M, minlength=num_experts)
+    # Counts with a fixed (E,) shape (bincount's output shape depends on the data, which breaks
+    # torch.compile graphs).
+    tokens_per_expert_E = ids_M.new_zeros(num_experts).scatter_add_(0, ids_M, torch.ones_like(ids_M))
     if capacity_factor is None:
         order_M = torch.argsort(ids_M, stable=True)
         return order_M, tokens_per_expert_E, tokens_per_expert_E
