@@ -66,6 +66,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mhmoe.layers.routing import count_values
+
 __all__ = [
     "LayerRoutingSummary",
     "RoutingStatsAccumulator",
@@ -189,18 +191,6 @@ def _check_min_share(min_share: float) -> None:
         raise ValueError(f"min_share={min_share!r}: must be a number in [0, 1]")
 
 
-def _count(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Histogram of ``index`` values in [0, size) as int64 (size,), without a host sync.
-
-    ``torch.bincount`` would do, but on CUDA it reads max(index) back to the host to size its
-    output; index_add_ into a fixed size keeps the training step asynchronous.
-    """
-    flat = index.reshape(-1)
-    return torch.zeros(size, dtype=torch.int64, device=flat.device).index_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int64)
-    )
-
-
 def _distinct_per_token(expert_ids_NK: torch.Tensor, num_heads: int) -> torch.Tensor:
     num_units, top_k = expert_ids_NK.shape
     ids_TJ = expert_ids_NK.reshape(num_units // num_heads, num_heads * top_k)  # (N, K) -> (T, H*K)
@@ -225,7 +215,7 @@ def head_expert_counts(
     num_units, top_k = expert_ids_NK.shape
     ids_THK = expert_ids_NK.reshape(num_units // num_heads, num_heads, top_k)  # (N,K)->(T,H,K)
     head_H11 = torch.arange(num_heads, device=ids_THK.device).view(1, num_heads, 1)
-    return _count(head_H11 * num_experts + ids_THK, num_heads * num_experts).view(
+    return count_values(head_H11 * num_experts + ids_THK, num_heads * num_experts).view(
         num_heads, num_experts
     )
 
@@ -540,7 +530,7 @@ class RoutingStatsAccumulator:
             state.dropped += dropped.double() * num_assignments
         self._update_entropy(index, state, aux, num_units)
         if num_heads > 1 and self.track_heads and num_units:
-            state.distinct_hist += _count(
+            state.distinct_hist += count_values(
                 _distinct_per_token(ids_NK, num_heads), num_heads * top_k + 1
             )
             state.head_counts_HE += head_expert_counts(ids_NK, num_heads, num_experts)

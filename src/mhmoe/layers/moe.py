@@ -39,7 +39,7 @@ import torch
 
 from mhmoe.layers import experts as _experts
 from mhmoe.layers.experts import Experts, block_backward, block_forward, fused_up_weight
-from mhmoe.layers.routing import RouterOutput, TopKRouter
+from mhmoe.layers.routing import RouterOutput, TopKRouter, count_values
 
 
 @dataclass
@@ -70,9 +70,7 @@ def sort_assignments(
     """
     num_units, top_k = expert_ids_NK.shape
     ids_M = expert_ids_NK.reshape(-1)  # (N, K) -> (M,), m = n * K + k
-    # Counts with a fixed (E,) shape (bincount's output shape depends on the data, which breaks
-    # torch.compile graphs).
-    tokens_per_expert_E = ids_M.new_zeros(num_experts).scatter_add_(0, ids_M, torch.ones_like(ids_M))
+    tokens_per_expert_E = count_values(ids_M, num_experts)
     if capacity_factor is None:
         order_M = torch.argsort(ids_M, stable=True)
         return order_M, tokens_per_expert_E, tokens_per_expert_E

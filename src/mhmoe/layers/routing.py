@@ -298,6 +298,19 @@ def _top_k_ids_packed(probs_NE: torch.Tensor, top_k: int) -> torch.Tensor:
     return expert_ids_NK
 
 
+def count_values(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Histogram of ``index`` values in [0, size) as int64 (size,), e.g. assignments per expert.
+
+    ``torch.bincount`` would do, but its output shape depends on the data: on CUDA it reads
+    max(index) back to the host (a sync in every step) and under torch.compile it breaks the
+    graph. ``index_add_`` into a fixed size does neither.
+    """
+    flat = index.reshape(-1)
+    return torch.zeros(size, dtype=torch.int64, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int64)
+    )
+
+
 def load_balancing_loss(
     probs_NE: torch.Tensor, tokens_per_expert_E: torch.Tensor
 ) -> torch.Tensor:
