@@ -25,9 +25,10 @@ import time
 
 import torch
 
-from mhmoe.analytics import RoutingStatsAccumulator
+from mhmoe.analytics.accumulator import RoutingStatsAccumulator
 from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.model import ModelConfig, TransformerLM, lm_loss
+from mhmoe.config import ModelConfig
+from mhmoe.model import TransformerLM, lm_loss
 
 
 def build(variant: str, d_model: int, num_layers: int, vocab: int, seq_len: int) -> TransformerLM:

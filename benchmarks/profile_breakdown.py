@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mhmoe.bench import make_step, variant_configs
+from mhmoe.bench.timing import make_step, variant_configs
 from mhmoe.layers.mh_moe import build_ffn
 
 KINDS = {

@@ -12,25 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mhmoe import MHMoE, MoE
-from mhmoe.analytics import (
-    LayerRoutingSummary,
-    RoutingStatsAccumulator,
-    activation_ratio,
-    analyze_model,
-    distinct_experts_per_token,
-    head_expert_counts,
-    head_js_divergence,
-    head_top1_agreement,
-    layers_of,
-    load_cv,
-    load_entropy,
-    load_imbalance,
-    plot_activation_ratio,
-    router_entropy,
-    routing_table_markdown,
-    token_windows,
-    write_plots,
-)
+from mhmoe.analytics.accumulator import LayerRoutingSummary, RoutingStatsAccumulator, analyze_model, layers_of
+from mhmoe.analytics.stats import activation_ratio, distinct_experts_per_token, head_expert_counts, head_js_divergence, head_top1_agreement, load_cv, load_entropy, load_imbalance, router_entropy
+from mhmoe.analytics.plots import plot_activation_ratio, write_plots
+from mhmoe.analytics.report import routing_table_markdown
+from mhmoe.analytics.loading import token_windows
 from mhmoe.layers.moe import MoEAux
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -250,7 +236,8 @@ def test_router_entropy_from_moe_aux_field_takes_precedence():
 
 def test_accumulator_in_a_training_step_of_the_lm():
     from mhmoe.config import DenseConfig, MoEConfig
-    from mhmoe.model import ModelConfig, TransformerLM, lm_loss
+    from mhmoe.config import ModelConfig
+    from mhmoe.model import TransformerLM, lm_loss
 
     config = ModelConfig(
         vocab_size=50, d_model=32, num_layers=4, num_attention_heads=2, max_seq_len=16,
@@ -344,10 +331,12 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Sphinx of black quartz, ju
 
 
 def _make_run(run_dir, moe: bool = True, num_heads: int = 2, data_dir=None):
-    from mhmoe.checkpoint import CONFIG_FILE, RUN_FORMAT, TOKENIZER_FILE, save_checkpoint
+    from mhmoe.runs.checkpoint import CONFIG_FILE, TOKENIZER_FILE, save_checkpoint
+    from mhmoe.runs.checkpoint import RUN_FORMAT
     from mhmoe.config import DenseConfig, MoEConfig
     from mhmoe.data import build_caches, train_tokenizer
-    from mhmoe.model import ModelConfig, TransformerLM
+    from mhmoe.config import ModelConfig
+    from mhmoe.model import TransformerLM
 
     tokenizer = train_tokenizer([TEXT], vocab_size=300)
     config = ModelConfig(

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mhmoe import checkpoint as ckpt
+from mhmoe.runs import checkpoint as ckpt
 from mhmoe.cli import build_parser, main
-from mhmoe.train import read_metrics
+from mhmoe.runs.metrics import read_metrics
 
 from test_train import write_corpus
 
@@ -175,7 +175,7 @@ def test_reproduce_seeds_and_shared_expert(corpus, tmp_path, capsys):
 
 
 def test_reproduce_ablation_variants():
-    from mhmoe.reproduce import default_variants
+    from mhmoe.training.reproduce import default_variants
 
     assert default_variants(ablation="head-merge") == [
         "smoe", "smoe.head_merge", "fine_grained", "fine_grained.head_merge",

@@ -26,7 +26,8 @@ import torch
 
 from mhmoe.config import DenseConfig, MoEConfig
 from mhmoe.layers.mh_moe import MHMoE
-from mhmoe.model import ModelConfig, TransformerLM, lm_loss
+from mhmoe.config import ModelConfig
+from mhmoe.model import TransformerLM, lm_loss
 
 WORLD = 2
 GLOBAL_BATCH = 4  # sequences per step; 2 per rank, one micro-batch of 1 at a time
@@ -98,7 +99,8 @@ def layer_input(rank: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     """The trainer's optimiser (fused AdamW, decay/no-decay groups), so that the parameter
     kinds a sharded model hands it (DTensors, tensors) are what training will see."""
-    from mhmoe.train import TrainConfig, build_optimizer
+    from mhmoe.training.config import TrainConfig
+    from mhmoe.training.loop import build_optimizer
 
     # eps well above float32 gradient noise: Adam's first update lr * g / (|g| + eps) turns a
     # rounding difference in a gradient near 0 into a difference of up to lr; with eps = 1e-3
@@ -129,7 +131,7 @@ def _full_grads(pm) -> dict[str, torch.Tensor]:
 
 
 def _train_step(context, aux: bool) -> dict:
-    from mhmoe.distributed import parallelize
+    from mhmoe.distributed import full_model_state_dict, parallelize
 
     pm = parallelize(build_model(aux), context)
     optimizer = adamw(pm.model)
@@ -153,7 +155,7 @@ def _train_step(context, aux: bool) -> dict:
         "loss": context.all_reduce_mean(step_loss),
         "norm": float(norm),
         "grads": grads,
-        "params": pm.full_state_dict(),
+        "params": full_model_state_dict(pm),
         "probe_logits": probe_logits,
         "pm": pm,
         "optimizer": optimizer,
@@ -188,7 +190,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenarios: tuple[str
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    from mhmoe import checkpoint as ckpt
+    from mhmoe.runs import checkpoint as ckpt
     from mhmoe.distributed import (
         ParallelConfig, full_optimizer_state_dict, init_distributed, load_checkpoint, parallelize,
         save_checkpoint, shutdown_distributed,
@@ -278,7 +280,7 @@ def reference_step(aux: bool) -> dict:
 def write_single_process_checkpoint(run_dir: Path) -> tuple[torch.Tensor, dict]:
     """A checkpoint saved by one process after one step; returns its probe logits and
     optimiser state."""
-    from mhmoe import checkpoint as ckpt
+    from mhmoe.runs import checkpoint as ckpt
 
     reference = reference_step(aux=True)
     ckpt.save_checkpoint(run_dir, 1, reference["model"], reference["optimizer"], {"tokens": 0})
@@ -369,7 +371,7 @@ def test_expert_parallel_layer_equals_single_process(distributed_results, case):
 
 
 def test_saved_on_two_ranks_loads_on_one(distributed_results):
-    from mhmoe import checkpoint as ckpt
+    from mhmoe.runs import checkpoint as ckpt
 
     results, info = distributed_results
     folder = ckpt.latest_checkpoint(info["dir"] / "saved_run")
@@ -445,7 +447,7 @@ def test_paper_expert_counts_divide_over_eight_ranks(num_experts):
 
 
 def test_single_process_context_needs_no_process_group(monkeypatch):
-    from mhmoe.distributed import ParallelConfig, init_distributed, parallelize
+    from mhmoe.distributed import ParallelConfig, full_model_state_dict, init_distributed, parallelize
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -455,7 +457,7 @@ def test_single_process_context_needs_no_process_group(monkeypatch):
     model = build_model(aux=False)
     pm = parallelize(model, context)
     assert pm.module is model and pm.model is model
-    assert set(pm.full_state_dict()) == set(model.state_dict())
+    assert set(full_model_state_dict(pm)) == set(model.state_dict())
 
 
 def test_source_to_expert_order():
@@ -489,9 +491,9 @@ def write_small_corpus(folder: Path) -> Path:
 def test_torchrun_train_equals_single_process(tmp_path):
     """`torchrun --nproc_per_node 2 -m mhmoe.cli train --dp fsdp --ep 2` writes the run a single
     process writes: same losses per step, and a checkpoint load_run reads to the same logits."""
-    from mhmoe.checkpoint import load_run
+    from mhmoe.runs.checkpoint import load_run
     from mhmoe.cli import main
-    from mhmoe.train import read_metrics
+    from mhmoe.runs.metrics import read_metrics
 
     corpus = write_small_corpus(tmp_path / "text")
     common = [

@@ -136,8 +136,8 @@ def test_fuzz_moe_and_dense_configs(data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_model_config_from_dict(data):
-    from mhmoe.model import ModelConfig
-    from mhmoe.presets import model_config
+    from mhmoe.config import ModelConfig
+    from mhmoe.training.presets import model_config
 
     valid = model_config("tiny", data.draw(st.sampled_from(["dense", "smoe", "mhmoe_h2", "fine_grained.shared"]))).to_dict()
     choice = data.draw(st.integers(0, 3))
@@ -162,7 +162,7 @@ def test_fuzz_model_config_from_dict(data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_train_config(data):
-    from mhmoe.train import TrainConfig
+    from mhmoe.training.config import TrainConfig
 
     valid = {f.name: getattr(TrainConfig(total_steps=100, batch_size=4, seq_len=8, lr=1e-3, warmup_steps=10), f.name)
              for f in dataclasses.fields(TrainConfig)}
@@ -199,7 +199,7 @@ def prepared(corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def stub_training(monkeypatch):
-    import mhmoe.train as train_module
+    import mhmoe.training.run as train_module
 
     calls = []
 

@@ -18,16 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhmoe.checkpoint import load_run
+from mhmoe.runs.checkpoint import load_run
 from mhmoe.cli import main
-from mhmoe.hf_export import (
-    REQUIRED_FILES,
-    ExportError,
-    check_export_dir,
-    export_model,
-    load_hf_export,
-)
-from mhmoe.model import ModelConfig, TransformerLM, lm_loss
+from mhmoe.hf.export import REQUIRED_FILES, ExportError, check_export_dir, export_model, load_hf_export
+from mhmoe.config import ModelConfig
+from mhmoe.model import TransformerLM, lm_loss
 
 WORDS = "the sea is calm and blue ships sail over waves under a bright sky while birds fly home".split()
 
@@ -148,7 +143,7 @@ def test_cli_generate_streams_from_run_and_export(run_dir, export_dir, capsys):
 
 
 def test_transformers_free_cached_decoding_matches_full_recompute(run_model):
-    from mhmoe.hf.decoding import generate_tokens
+    from mhmoe.decoding import generate_tokens
 
     model, tokenizer = run_model
     prompt = [tokenizer.eot_id, *tokenizer.encode("The sea")]
@@ -240,7 +235,7 @@ def test_import_hook_registers_when_transformers_is_first_imported(hf, export_di
 
 def test_in_memory_conversion_tied_embeddings_and_save_pretrained(hf, run_model, tmp_path):
     from mhmoe.config import DenseConfig, MoEConfig
-    from mhmoe.hf import MHMoEForCausalLM
+    from mhmoe.hf.modeling import MHMoEForCausalLM
 
     tokenizer = run_model[1]
     torch.manual_seed(0)
@@ -268,7 +263,8 @@ def test_in_memory_conversion_tied_embeddings_and_save_pretrained(hf, run_model,
 
 
 def test_fresh_model_initialisation_and_config_validation(hf):
-    from mhmoe.hf import MHMoEConfig, MHMoEForCausalLM
+    from mhmoe.hf.configuration import MHMoEConfig
+    from mhmoe.hf.modeling import MHMoEForCausalLM
 
     config = MHMoEConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
@@ -285,7 +281,7 @@ def test_fresh_model_initialisation_and_config_validation(hf):
 
 
 def test_bitnet_export_round_trip(hf, run_model, tmp_path):
-    from mhmoe import quant
+    from mhmoe.bitnet import convert as quant
 
     base, tokenizer = run_model
     lm = quant.apply_bitnet(TransformerLM(base.config), True)

@@ -9,27 +9,13 @@ import pytest
 import torch
 
 from mhmoe import DenseConfig, MoEConfig
-from mhmoe.model import (
-    ModelConfig,
-    RMSNorm,
-    RotaryEmbedding,
-    TransformerLM,
-    apply_rotary,
-    count_model_flops,
-    count_model_params,
-    lm_loss,
-)
-from mhmoe.parity import active_multiply_adds, count_flops, count_params, plan_variants, register_grouped_mm_flop_formula
-from mhmoe.presets import (
-    PAPER_VARIANTS,
-    ablation_variants,
-    apply_variant_flags,
-    get_preset,
-    model_config,
-    parse_variant,
-    preset_names,
-    variant_label,
-)
+from mhmoe.config import ModelConfig
+from mhmoe.model import RMSNorm, RotaryEmbedding, TransformerLM, apply_rotary, lm_loss
+from mhmoe.planning.counts import count_model_flops, count_model_params
+from mhmoe.planning.counts import active_multiply_adds, count_flops, count_params, register_grouped_mm_flop_formula
+from mhmoe.planning.variants import plan_variants
+from mhmoe.planning.variants import PAPER_VARIANTS, ablation_variants, apply_variant_flags, parse_variant, variant_label
+from mhmoe.training.presets import get_preset, model_config, preset_names
 
 
 def small_config(**changes) -> ModelConfig:

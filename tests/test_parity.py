@@ -17,16 +17,11 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from mhmoe import DenseConfig, FeedForward, MHMoE, MoE, MoEConfig, build_ffn
-from mhmoe import parity
+from mhmoe.planning import counts, variants
+from mhmoe.training.presets import get_preset
 from mhmoe.cli import main
-from mhmoe.parity import (
-    active_multiply_adds,
-    count_flops,
-    count_params,
-    flops_parity_d_expert,
-    params_parity_num_experts,
-    plan_mhmoe,
-)
+from mhmoe.planning.counts import active_multiply_adds, count_flops, count_params
+from mhmoe.planning.planner import flops_parity_d_expert, params_parity_num_experts, plan_mhmoe
 
 D = 768  # the paper's d_model (Section 3)
 
@@ -50,8 +45,8 @@ def relu_moe(d, num_experts, top_k, d_expert, num_heads=1, **kwargs) -> MoEConfi
 
 def test_projection_cost_is_2Bd2_minus_Bd():
     B, d = 7, 96
-    assert parity.matmul_cost(B, d, d, "paper") == 2 * B * d**2 - B * d
-    assert parity.matmul_cost(B, d, d, "flops") == 2 * B * d**2
+    assert counts.matmul_cost(B, d, d, "paper") == 2 * B * d**2 - B * d
+    assert counts.matmul_cost(B, d, d, "flops") == 2 * B * d**2
 
 
 @settings(max_examples=60, deadline=None)
@@ -160,8 +155,8 @@ def test_eq9_eq10_example_4E_minus_1(num_experts):
 
 
 def test_paper_variants_match_the_paper_table():
-    v = parity.paper_variants()
-    assert list(v) == list(parity.VARIANT_NAMES)
+    v = variants.paper_variants()
+    assert list(v) == list(variants.PAPER_VARIANTS)
     assert v["dense"] == DenseConfig(d_model=D, d_ff=2048)
     rows = {
         name: (c.num_experts, c.top_k, c.d_expert, c.d_sub, c.has_head and c.has_merge)
@@ -178,14 +173,14 @@ def test_paper_variants_match_the_paper_table():
 
 def test_paper_active_multiply_adds_4718592():
     """Active expert multiply-adds per token identical: 4,718,592 (head+merge included)."""
-    for name, cfg in parity.paper_variants().items():
+    for name, cfg in variants.paper_variants().items():
         assert active_multiply_adds(cfg) == 4_718_592, name
         assert count_flops(cfg).layer == 2 * 4_718_592, name
 
 
 def test_paper_expert_params():
     """SMoE and fine-grained 37.75M; h=2 35.39M + 1.18M head/merge; h=3 37.75M + 1.18M."""
-    v = parity.paper_variants()
+    v = variants.paper_variants()
     p = {name: count_params(cfg) for name, cfg in v.items()}
     assert p["smoe"].experts == p["fine_grained"].experts == 37_748_736
     assert p["mhmoe_h2"].experts == 35_389_440
@@ -197,7 +192,7 @@ def test_paper_expert_params():
 
 
 def test_planner_exact_d_expert_and_rounding_of_experts():
-    smoe = parity.paper_smoe()
+    smoe = variants.paper_smoe()
     h2 = plan_mhmoe(smoe, 2, round_experts=8)
     assert h2.d_expert_is_exact and h2.d_expert_exact == 768
     assert h2.config.num_experts == 40
@@ -218,7 +213,7 @@ def test_planner_exact_d_expert_and_rounding_of_experts():
 
 
 def test_planner_fine_grained():
-    smoe = parity.paper_smoe()
+    smoe = variants.paper_smoe()
     fine = plan_mhmoe(smoe, 1, top_k=2)
     assert (fine.config.num_experts, fine.config.top_k, fine.config.d_expert) == (16, 2, 1024)
     assert not fine.config.has_head and not fine.config.has_merge
@@ -237,7 +232,7 @@ def test_planner_rounds_non_integral_d_expert_and_reports_it():
 
 
 def test_planner_keeps_shared_expert_and_bias():
-    smoe = parity.paper_smoe(192, shared_expert=True, bias=True)
+    smoe = variants.paper_smoe(192, shared_expert=True, bias=True)
     assert smoe.shared_d_ff == 512
     plan = plan_mhmoe(smoe, 2, round_experts=8)
     assert plan.config.shared_d_ff == 512 and plan.config.bias
@@ -245,8 +240,8 @@ def test_planner_keeps_shared_expert_and_bias():
 
 
 def test_mini_variants():
-    v = parity.variants_from_smoe(parity.preset_smoe("mini"), round_experts=8)
-    assert v == parity.preset_variants("mini") == parity.paper_variants(192)
+    v = variants.variants_from_smoe(get_preset("mini").smoe(), round_experts=8)
+    assert v == {n: v.config for n, v in get_preset("mini").planned_variants().items()} == variants.paper_variants(192)
     got = {n: (c.num_experts, c.top_k, c.d_expert) for n, c in v.items() if n != "dense"}
     assert got == {
         "smoe": (8, 1, 512),
@@ -298,7 +293,7 @@ def test_planner_properties(d_unit, h, E, k, d_moe, activation):
 
 
 def test_errors_name_the_value_and_rule():
-    smoe = parity.paper_smoe()
+    smoe = variants.paper_smoe()
     with pytest.raises(ValueError, match=r"d_model=768 is not divisible by num_heads=5"):
         plan_mhmoe(smoe, 5)
     with pytest.raises(ValueError, match=r"num_heads=0: must be a positive integer"):
@@ -311,11 +306,11 @@ def test_errors_name_the_value_and_rule():
     with pytest.raises(ValueError, match=r"d_expert=-128 .*must be at least 1"):
         plan_mhmoe(small, 2)
     with pytest.raises(ValueError, match=r"num_heads=2.*plain SMoE"):
-        parity.variants_from_smoe(smoe.replace(num_heads=2))
+        variants.variants_from_smoe(smoe.replace(num_heads=2))
     with pytest.raises(ValueError, match=r"d_model=100.*divisible by 3"):
-        parity.paper_smoe(100)
-    with pytest.raises(ValueError, match=r"preset='huge'"):
-        parity.preset_smoe("huge")
+        variants.paper_smoe(100)
+    with pytest.raises(ValueError, match=r"preset 'huge': must be one of paper, mini"):
+        get_preset("huge")
     with pytest.raises(ValueError, match=r"convention='macs'"):
         count_flops(smoe, convention="macs")
     with pytest.raises(ValueError, match=r"tokens=-1"):
@@ -389,14 +384,14 @@ def test_param_count_of_direct_constructors():
 
 @pytest.mark.parametrize("preset", ["paper", "mini"])
 def test_param_count_of_preset_modules(preset):
-    for name, cfg in parity.preset_variants(preset).items():
+    for name, cfg in {n: v.config for n, v in get_preset(preset).planned_variants().items()}.items():
         with torch.device("meta"):  # shapes only, no memory
             module = build_ffn(cfg)
         assert count_params(cfg).total == _numel(module), name
 
 
 def _measure_flops(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict]:
-    parity.register_grouped_mm_flop_formula()
+    counts.register_grouped_mm_flop_formula()
     with torch.no_grad():
         module(x)  # warm-up outside the counter (capability probes, caches)
         counter = FlopCounterMode(display=False)
@@ -441,8 +436,8 @@ def test_flops_equal_flop_counter_mode(name, use_grouped_mm):
 
 
 def test_grouped_mm_flop_formula_registration():
-    assert parity.register_grouped_mm_flop_formula()
-    assert parity.register_grouped_mm_flop_formula()  # idempotent
+    assert counts.register_grouped_mm_flop_formula()
+    assert counts.register_grouped_mm_flop_formula()  # idempotent
     x = torch.randn(6, 8)
     w = torch.randn(3, 8, 4)
     offs = torch.tensor([2, 3, 6], dtype=torch.int32)
@@ -450,8 +445,8 @@ def test_grouped_mm_flop_formula_registration():
     with counter:
         torch._grouped_mm(x, w, offs=offs)
     assert counter.get_total_flops() == 2 * 6 * 8 * 4
-    assert parity.grouped_mm_flops((3, 6, 8), (3, 8, 4)) == 2 * 3 * 6 * 8 * 4
-    assert parity.grouped_mm_flops((6, 12), (12, 4)) == 2 * 6 * 12 * 4
+    assert counts.grouped_mm_flops((3, 6, 8), (3, 8, 4)) == 2 * 3 * 6 * 8 * 4
+    assert counts.grouped_mm_flops((6, 12), (12, 4)) == 2 * 6 * 12 * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +474,7 @@ def test_cli_paper_table(capsys):
 def test_cli_json(capsys):
     data = _json(capsys, ["parity", "--preset", "paper", "--round-experts", "8", "--json"])
     rows = {r["name"]: r for r in data["variants"]}
-    assert list(rows) == list(parity.VARIANT_NAMES)
+    assert list(rows) == list(variants.PAPER_VARIANTS)
     for row in rows.values():
         for key in (
             "name", "num_heads", "num_experts", "top_k", "d_expert", "moe_layer_params",

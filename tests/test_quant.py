@@ -1,11 +1,9 @@
-"""BitNet b1.58 quantisation (mhmoe.quant) and packed ternary inference (mhmoe.export_ternary)."""
+"""BitNet b1.58 quantisation (mhmoe.quant) and packed ternary inference (mhmoe.bitnet.ternary)."""
 
 from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 
 import pytest
 import torch
@@ -16,33 +14,12 @@ from torch import nn
 
 from mhmoe import MHMoE
 from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.export_ternary import (
-    WEIGHTS_FILE,
-    TernaryExperts,
-    TernaryLinear,
-    export_plain,
-    export_ternary,
-    is_ternary_export,
-    load_ternary,
-    pack_ternary,
-    tensor_bytes,
-    unpack_ternary,
-)
+from mhmoe.bitnet.ternary import WEIGHTS_FILE
+from mhmoe.bitnet.ternary import TernaryExperts, TernaryLinear, export_plain, export_ternary, is_ternary_export, load_ternary, pack_ternary, tensor_bytes, unpack_ternary
 from mhmoe.layers.routing import TopKRouter
-from mhmoe.quant import (
-    BitExperts,
-    BitLinear,
-    BitRouter,
-    activation_quant,
-    activation_quant_codes,
-    apply_bitnet,
-    bitnet_modules,
-    to_bitnet,
-    two_stage_lambdas,
-    two_stage_schedule,
-    weight_quant,
-    weight_quant_codes,
-)
+from mhmoe.bitnet.layers import BitExperts, BitLinear, BitRouter, activation_quant, activation_quant_codes, weight_quant, weight_quant_codes
+from mhmoe.bitnet.convert import apply_bitnet, bitnet_modules, to_bitnet
+from mhmoe.training.schedules import two_stage_lambdas, two_stage_schedule
 
 model_mod = pytest.importorskip("mhmoe.model")
 
@@ -399,9 +376,9 @@ def test_cli_export_ternary_with_a_run_loader(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "tokenizer.json").write_text("{}")
-    fake = types.ModuleType("mhmoe.checkpoint")
-    fake.load_run = lambda path: (model, None, {"bitnet": True, "preset": "tiny"})
-    monkeypatch.setitem(sys.modules, "mhmoe.checkpoint", fake)
+    import mhmoe.cli.export as export_command
+
+    monkeypatch.setattr(export_command, "load_run", lambda path: (model, None, {"bitnet": True, "preset": "tiny"}))
     assert main(["export", str(run_dir), str(tmp_path / "out"), "--ternary"]) == 0
     assert (tmp_path / "out" / "tokenizer.json").exists()
     assert is_ternary_export(tmp_path / "out") and not is_ternary_export(run_dir)
@@ -411,6 +388,6 @@ def test_cli_export_ternary_with_a_run_loader(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         assert torch.equal(load_ternary(tmp_path / "out")(ids).logits, model(ids).logits)
     fp_model = model_mod.TransformerLM(tiny_lm_config())
-    fake.load_run = lambda path: (fp_model, None, {})
+    monkeypatch.setattr(export_command, "load_run", lambda path: (fp_model, None, {}))
     assert main(["export", str(run_dir), str(tmp_path / "out2"), "--ternary"]) == 2
     assert "no BitNet layers" in capsys.readouterr().err

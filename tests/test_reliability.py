@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhmoe import checkpoint as ckpt
+from mhmoe.runs import checkpoint as ckpt
 from mhmoe.cli import main
 from mhmoe.data import CorruptCacheError
-from mhmoe.train import read_metrics
+from mhmoe.runs.metrics import read_metrics
 
 from test_train import train_args, training_losses, write_corpus
 
@@ -246,12 +246,12 @@ def test_a_full_disk_while_saving_fails_cleanly_and_keeps_the_previous_checkpoin
 
 
 def test_an_unwritable_output_folder_fails_before_any_work(corpus, data_dir, tmp_path, monkeypatch, capsys):
-    import mhmoe.validation
+    import mhmoe.runs.validation
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(mhmoe.validation.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(mhmoe.runs.validation.tempfile, "mkstemp", read_only)
     run = tmp_path / "run"
     assert main(train_args(corpus, data_dir, run, "--max-steps", "2")) == 2
     err = capsys.readouterr().err
@@ -260,9 +260,9 @@ def test_an_unwritable_output_folder_fails_before_any_work(corpus, data_dir, tmp
 
 
 def test_too_little_free_space_fails_before_training(corpus, data_dir, tmp_path, monkeypatch, capsys):
-    import mhmoe.validation
+    import mhmoe.runs.validation
 
-    monkeypatch.setattr(mhmoe.validation.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
+    monkeypatch.setattr(mhmoe.runs.validation.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
     run = tmp_path / "run"
     assert main(train_args(corpus, data_dir, run, "--max-steps", "2")) == 2
     err = capsys.readouterr().err
@@ -305,7 +305,8 @@ def test_a_crafted_pickle_is_refused_and_never_runs(corpus, data_dir, reference,
     _plant_pickle(folder, marker)
     ckpt.verify_checkpoint(folder)  # the checksums match ...
     model, _, _ = ckpt.load_run(run)  # ... weights (safetensors) are unaffected ...
-    from mhmoe.train import TrainConfig, build_optimizer
+    from mhmoe.training.config import TrainConfig
+    from mhmoe.training.loop import build_optimizer
 
     optimizer = build_optimizer(model, TrainConfig(total_steps=2, batch_size=2, seq_len=8, lr=1e-3, warmup_steps=0))
     with pytest.raises(ckpt.CheckpointError, match=r"optimizer.pt: refused.*weights_only"):
@@ -344,10 +345,11 @@ def test_source_never_unpickles():
 def poison(monkeypatch, steps: set[int], module: str = "blocks.1.ffn") -> None:
     """Make ``module``'s output NaN during training steps ``steps`` (tracked through the
     schedule, which train_loop calls once per step)."""
-    import mhmoe.train as train_module
+    import mhmoe.training.loop as loop_module
+    import mhmoe.training.run as train_module
 
     current = {"step": 0}
-    real_learning_rate = train_module.learning_rate
+    real_learning_rate = loop_module.learning_rate
 
     def learning_rate(step, config):
         current["step"] = step
@@ -368,7 +370,7 @@ def poison(monkeypatch, steps: set[int], module: str = "blocks.1.ffn") -> None:
 
             self.get_submodule(module).register_forward_hook(hook)
 
-    monkeypatch.setattr(train_module, "learning_rate", learning_rate)
+    monkeypatch.setattr(loop_module, "learning_rate", learning_rate)
     monkeypatch.setattr(train_module, "TransformerLM", Poisoned)
 
 
@@ -507,8 +509,8 @@ def test_moe_config_rejects_non_finite_and_non_boolean_values(build, message):
 
 
 def test_model_config_rejects_infinities_and_incomplete_dicts():
-    from mhmoe.model import ModelConfig
-    from mhmoe.presets import model_config
+    from mhmoe.config import ModelConfig
+    from mhmoe.training.presets import model_config
 
     base = model_config("tiny", "smoe")
     for field, value in (("rope_theta", float("inf")), ("norm_eps", float("nan")), ("load_balancing_weight", float("inf"))):

@@ -11,19 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from mhmoe import checkpoint as ckpt
+from mhmoe.runs import checkpoint as ckpt
 from mhmoe.cli import main
 from mhmoe.model import TransformerLM
-from mhmoe.presets import model_config
-from mhmoe.train import (
-    MetricsLog,
-    RunOptions,
-    TrainConfig,
-    build_optimizer,
-    learning_rate,
-    read_metrics,
-    run_training,
-)
+from mhmoe.training.presets import model_config
+from mhmoe.runs.metrics import MetricsLog, read_metrics
+from mhmoe.training.run import RunOptions, run_training
+from mhmoe.training.config import TrainConfig
+from mhmoe.training.loop import build_optimizer
+from mhmoe.training.schedules import learning_rate
 
 WORDS = (
     "the a model expert router token head merge layer sparse dense mixture of heads learns "

@@ -8,6 +8,7 @@ FLOPs-matched MH-MoE configurations.
 """
 
 from mhmoe.config import DenseConfig, MoEConfig
+from mhmoe.version import __version__
 from mhmoe.layers.feed_forward import FeedForward
 from mhmoe.layers.mh_moe import MHMoE, MoE, build_ffn
 from mhmoe.layers.moe import MoEAux
@@ -16,7 +17,6 @@ from mhmoe.layers.moe import MoEAux
 # (an import hook: `import mhmoe` never imports transformers itself, and works without it).
 from mhmoe import hf as _hf  # noqa: F401,E402
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DenseConfig",

@@ -16,7 +16,6 @@ the set's byte count is scaled by the share of targets evaluated, and the result
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -29,6 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from mhmoe.data.batching import IGNORE_INDEX, eval_batches
+from mhmoe.runs.checkpoint import load_run, read_checkpoint_state, resolve_checkpoint
+from mhmoe.data import build_caches, load_cache, open_source
+from mhmoe.data.splits import validate_eval_name
+from mhmoe.data.prepare import prepare_run_data
+from mhmoe.runtime import resolve_device, resolve_precision
+from mhmoe.runtime import autocast_context
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +63,6 @@ class EvalResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 autocast on the device, or nothing (fp32) when ``dtype`` is None/float32."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
@@ -215,8 +213,6 @@ def prepare_eval_sets(
     the same cache names (``eval-NAME``) and key layout as ``prepare_data``, so caches are shared
     with training runs whenever their inputs match.
     """
-    from mhmoe.data import build_caches, load_cache, open_source
-    from mhmoe.data.splits import validate_eval_name
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -258,8 +254,6 @@ def evaluate_run(
     used (rebuilt from the recorded sources if their caches are gone). ``max_tokens`` defaults
     to the run's ``eval_tokens``.
     """
-    from mhmoe.checkpoint import load_run, read_checkpoint_state, resolve_checkpoint
-    from mhmoe.train import prepare_run_data, resolve_device, resolve_precision
 
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)

@@ -33,7 +33,6 @@ alike; the token embedding is N(0, 0.02) (GPT-2).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ from torch import nn
 from mhmoe.config import DenseConfig, MoEConfig
 from mhmoe.layers.mh_moe import build_ffn
 from mhmoe.layers.moe import MoEAux
+from mhmoe.config import ModelConfig
 
 __all__ = [
     "Attention",
@@ -65,140 +65,6 @@ __all__ = [
 def _require_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}: must be a positive integer")
-
-
-def _require_non_negative_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{name}={value!r}: must be a finite non-negative number")
-
-
-def ffn_config_to_dict(config: DenseConfig | MoEConfig) -> dict[str, Any]:
-    """A JSON-able dict of an FFN config, with its ``kind`` ("dense" or "moe")."""
-    return {"kind": config.kind, **dataclasses.asdict(config)}
-
-
-def ffn_config_from_dict(data: dict[str, Any]) -> DenseConfig | MoEConfig:
-    """Inverse of ``ffn_config_to_dict``; validates through the dataclass."""
-    if not isinstance(data, dict):
-        raise ValueError(f"FFN config {data!r}: must be a JSON object")
-    fields = dict(data)
-    kind = fields.pop("kind", None)
-    cls = {"dense": DenseConfig, "moe": MoEConfig}.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise ValueError(f"FFN config kind={kind!r}: must be 'dense' or 'moe'")
-    _check_fields(f"FFN config ({kind})", cls, fields)
-    return cls(**fields)
-
-
-def _check_fields(what: str, cls: type, fields: dict[Any, Any]) -> None:
-    """ValueError naming unknown or missing (required) fields of a dataclass to build."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted((k for k in fields if k not in known), key=repr)
-    if unknown:
-        raise ValueError(f"{what} has unknown fields {unknown}")
-    missing = [name for name, f in known.items() if name not in fields
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"{what} lacks the required fields {missing}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to build a ``TransformerLM``.
-
-    ``dense_ffn`` fills the FFN slot of the blocks without MoE (and of every block when
-    ``moe_ffn`` is None, the Dense baseline); ``moe_ffn`` fills every ``moe_every``-th block.
-    """
-
-    vocab_size: int
-    d_model: int
-    num_layers: int
-    num_attention_heads: int
-    max_seq_len: int
-    dense_ffn: DenseConfig
-    moe_ffn: MoEConfig | None = None
-    moe_every: int = 2
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    load_balancing_weight: float = 0.01
-    z_loss_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_attention_heads",
-                     "max_seq_len", "moe_every"):
-            _require_positive_int(name, getattr(self, name))
-        if self.d_model % self.num_attention_heads != 0:
-            raise ValueError(
-                f"d_model={self.d_model} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if (self.d_model // self.num_attention_heads) % 2 != 0:
-            raise ValueError(
-                f"attention head size d_model/num_attention_heads="
-                f"{self.d_model // self.num_attention_heads}: must be even for rotary embeddings"
-            )
-        if not isinstance(self.dense_ffn, DenseConfig):
-            raise ValueError(f"dense_ffn={self.dense_ffn!r}: must be a DenseConfig")
-        if self.moe_ffn is not None and not isinstance(self.moe_ffn, MoEConfig):
-            raise ValueError(f"moe_ffn={self.moe_ffn!r}: must be a MoEConfig or None")
-        for name, ffn in (("dense_ffn", self.dense_ffn), ("moe_ffn", self.moe_ffn)):
-            if ffn is not None and ffn.d_model != self.d_model:
-                raise ValueError(
-                    f"{name}.d_model={ffn.d_model} differs from the model's d_model={self.d_model}"
-                )
-        if self.moe_ffn is not None and self.moe_every > self.num_layers:
-            raise ValueError(
-                f"moe_every={self.moe_every} exceeds num_layers={self.num_layers}: "
-                "the model would have no MoE layer"
-            )
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings={self.tie_embeddings!r}: must be true or false")
-        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) \
-                or not 0 < self.rope_theta < float("inf"):
-            raise ValueError(f"rope_theta={self.rope_theta!r}: must be a finite positive number")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) \
-                or not 0 < self.norm_eps < float("inf"):
-            raise ValueError(f"norm_eps={self.norm_eps!r}: must be a finite positive number")
-        _require_non_negative_number("load_balancing_weight", self.load_balancing_weight)
-        _require_non_negative_number("z_loss_weight", self.z_loss_weight)
-
-    @property
-    def head_size(self) -> int:
-        return self.d_model // self.num_attention_heads
-
-    def is_moe_block(self, index: int) -> bool:
-        """Whether block ``index`` (0-based) holds the MoE layer: (index + 1) % moe_every == 0."""
-        return self.moe_ffn is not None and (index + 1) % self.moe_every == 0
-
-    def ffn_for_block(self, index: int) -> DenseConfig | MoEConfig:
-        return self.moe_ffn if self.is_moe_block(index) else self.dense_ffn  # type: ignore[return-value]
-
-    @property
-    def num_moe_layers(self) -> int:
-        return sum(self.is_moe_block(i) for i in range(self.num_layers))
-
-    def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["dense_ffn"] = ffn_config_to_dict(self.dense_ffn)
-        data["moe_ffn"] = None if self.moe_ffn is None else ffn_config_to_dict(self.moe_ffn)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"model config {data!r}: must be a JSON object")
-        fields = dict(data)
-        if "dense_ffn" not in fields:
-            raise ValueError("model config lacks 'dense_ffn'")
-        _check_fields("model config", cls, fields)
-        fields["dense_ffn"] = ffn_config_from_dict(fields["dense_ffn"])
-        if fields.get("moe_ffn") is not None:
-            fields["moe_ffn"] = ffn_config_from_dict(fields["moe_ffn"])
-        return cls(**fields)
 
 
 @dataclass
@@ -368,78 +234,8 @@ def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BTV.reshape(-1, vocab).float(), targets_BT.reshape(-1))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Analytic counts of the whole model (the FFN slots come from mhmoe.parity)
 # ---------------------------------------------------------------------------------------------
 
 
-def count_model_params(config: ModelConfig) -> dict[str, int]:
-    """Parameters of ``TransformerLM(config)`` by component, analytically.
-
-    ``total`` equals ``sum(p.numel() for p in model.parameters())``. ``active`` counts what one
-    token uses: everything except the experts it is not routed to. A token's h sub-tokens make
-    h * k expert visits, so an MoE layer contributes ``experts * min(h k, E) / E`` expert
-    parameters (the paper's "activated parameters"; exact when the visits hit distinct experts).
-    """
-    from mhmoe.parity import count_params
-
-    d, vocab = config.d_model, config.vocab_size
-    embedding = vocab * d
-    output = 0 if config.tie_embeddings else vocab * d
-    attention = config.num_layers * 4 * d * d
-    norms = (2 * config.num_layers + 1) * d
-    ffn_total = 0
-    ffn_active = 0
-    for index in range(config.num_layers):
-        ffn = config.ffn_for_block(index)
-        counts = count_params(ffn)
-        ffn_total += counts.total
-        if isinstance(ffn, MoEConfig):
-            visits = min(ffn.num_heads * ffn.top_k, ffn.num_experts)
-            ffn_active += counts.total - counts.experts + counts.experts * visits // ffn.num_experts
-        else:
-            ffn_active += counts.total
-    shared = embedding + output + attention + norms
-    return {
-        "embedding": embedding,
-        "output": output,
-        "attention": attention,
-        "norms": norms,
-        "ffn": ffn_total,
-        "total": shared + ffn_total,
-        "active": shared + ffn_active,
-    }
-
-
-def count_model_flops(config: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
-    """Forward FLOPs per token (2 per multiply-add, matmuls only), analytically.
-
-    ``attention_proj``: q, k, v and output projections, 8 d^2 per layer; ``attention_scores``:
-    QK^T and AV over a context of ``seq_len`` (default max_seq_len) keys, 4 T d per layer
-    (the Kaplan et al. 2020 convention, causal masking not discounted); ``ffn``: every FFN
-    slot's ``mhmoe.parity.count_flops(...).total`` (experts, head/merge, shared expert, router
-    and combine); ``output``: 2 d V. Training costs about 3x ``total``.
-    """
-    from mhmoe.parity import count_flops
-
-    seq_len = config.max_seq_len if seq_len is None else seq_len
-    _require_positive_int("seq_len", seq_len)
-    d = config.d_model
-    attention_proj = config.num_layers * 8 * d * d
-    attention_scores = config.num_layers * 4 * seq_len * d
-    ffn = sum(count_flops(config.ffn_for_block(i)).total for i in range(config.num_layers))
-    moe_layer = sum(
-        count_flops(config.ffn_for_block(i)).layer
-        for i in range(config.num_layers)
-        if config.is_moe_block(i)
-    )
-    output = 2 * d * config.vocab_size
-    return {
-        "attention_proj": attention_proj,
-        "attention_scores": attention_scores,
-        "ffn": ffn,
-        "moe_layers_active": moe_layer,
-        "output": output,
-        "total": attention_proj + attention_scores + ffn + output,
-    }

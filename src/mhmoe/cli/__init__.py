@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, FloatingPointError) as err:
         # Not a usage error: a full disk, an I/O failure, training that diverged
-        # (mhmoe.validation.NonFiniteError). One line, exit status 1; checkpoints stay intact.
+        # (mhmoe.runs.validation.NonFiniteError). One line, exit status 1; checkpoints stay intact.
         print(f"mhmoe {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

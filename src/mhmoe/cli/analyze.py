@@ -4,7 +4,7 @@
     mhmoe analyze runs/smoe --data ../shared/data/wikitext-2/test.txt --json
     mhmoe analyze runs/mhmoe-h3 --max-tokens 32768 --out /tmp/routing
 
-Loads the run's latest checkpoint (``mhmoe.checkpoint.load_run``), runs up to --max-tokens
+Loads the run's latest checkpoint (``mhmoe.runs.checkpoint.load_run``), runs up to --max-tokens
 tokens of its held-out set (or --data: a .txt/.jsonl/.parquet file or folder, encoded with the
 run's tokenizer, or a .tokens cache) in batches of --batch-size windows of --seq-len tokens, and
 reports per MoE layer: tokens per expert, load imbalance (max/mean, CV), activation ratio
@@ -27,7 +27,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mhmoe import analytics
+from mhmoe.analytics.accumulator import layers_of
+from mhmoe.analytics.loading import DEFAULT_MAX_TOKENS, analyze_run
+from mhmoe.analytics.plots import write_plots
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--data", type=Path, help="text file/folder or .tokens cache (default: held-out set)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--out", type=Path, help="folder for routing.json and plots (default RUN_DIR/routing)")
-    p.add_argument("--max-tokens", type=int, default=analytics.DEFAULT_MAX_TOKENS,
-                   help=f"tokens to run (default {analytics.DEFAULT_MAX_TOKENS})")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"tokens to run (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--batch-size", type=int, default=8,
                    help="windows per batch; the activation ratio is per batch (default 8)")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
@@ -68,7 +70,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['num_tokens']} tokens of {report['data']}, batches of "
         f"{report['batch_size']} x {report['seq_len']} tokens",
     ]
-    layers = analytics.layers_of(report)
+    layers = layers_of(report)
     if not layers:
         lines.append("no MoE layer: nothing routes (dense model)")
         return "\n".join(lines)
@@ -94,7 +96,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = analytics.analyze_run(
+    report = analyze_run(
         args.run_dir,
         data=args.data,
         max_tokens=args.max_tokens,
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     (out_dir / "routing.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     written = [out_dir / "routing.json"]
     if report["layers"] and not args.no_plots:
-        written += analytics.write_plots(report, out_dir)
+        written += write_plots(report, out_dir)
     if args.json:
         print(json.dumps(report))
         for path in written:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from mhmoe.cli.train import collect_eval_specs, eval_spec, positive_int
+from mhmoe.evaluate import evaluate_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mhmoe.evaluate import evaluate_run
 
     specs = collect_eval_specs(args.eval)
     step, results = evaluate_run(

@@ -1,15 +1,13 @@
 """``mhmoe export RUN_DIR OUT``: write a trained run as a standalone model directory.
 
-    mhmoe export runs/mhmoe-h3 out/mhmoe-h3                  # full precision (HF format when
-                                                             # mhmoe.hf_export exists)
+    mhmoe export runs/mhmoe-h3 out/mhmoe-h3                  # full precision, Hugging Face folder
     mhmoe export runs/bitnet-h3 out/bitnet-h3 --ternary      # packed 2-bit BitNet weights
     mhmoe export runs/mhmoe-h3 out/mhmoe-h3 --dtype bfloat16
     mhmoe export runs/bitnet-h3 out/bitnet-h3-50 --ternary --step 50
 
-Without ``--ternary`` the export is delegated to ``mhmoe.hf_export.export_hf(run_dir, out)``
-when that module is installed, else written as model.safetensors + config.json (``--dtype``,
-float32 by default). With ``--ternary`` the run must have been trained with ``--bitnet``; the
-quantised weights are packed 4 per byte (``mhmoe.export_ternary``) and the rest is stored in
+Without ``--ternary`` the run is written as a Hugging Face folder
+(``mhmoe.hf.export.export_hf``; tensors in ``--dtype``, float32 by default). With ``--ternary`` the run must have been trained with ``--bitnet``; the
+quantised weights are packed 4 per byte (``mhmoe.bitnet.ternary``) and the rest is stored in
 ``--dtype`` (float32 by default: the loaded model then reproduces the training-time logits
 exactly). The tokenizer files of the run directory are copied along. Prints file sizes.
 """
@@ -18,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import inspect
 import json
 import os
 import shutil
@@ -27,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from mhmoe.cli import CLIError
+from mhmoe.bitnet import ternary
+from mhmoe.hf.export import export_hf
+from mhmoe.runs.checkpoint import load_run
+from mhmoe.bitnet.convert import bitnet_modules
 
 TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer*.model", "vocab*", "merges*")
 
@@ -65,17 +65,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def _load_run(run_dir: str, step: int | None = None):
-    try:
-        checkpoint = importlib.import_module("mhmoe.checkpoint")
-    except ModuleNotFoundError as err:
-        if err.name != "mhmoe.checkpoint":
-            raise
-        raise CLIError("mhmoe.checkpoint is not available: cannot read a run directory") from None
     if not Path(run_dir).is_dir():
         raise NotADirectoryError(f"run directory {run_dir!r} does not exist")
-    if step is None:
-        return checkpoint.load_run(run_dir)
-    return checkpoint.load_run(run_dir, step=step)
+    return load_run(run_dir) if step is None else load_run(run_dir, step=step)
 
 
 def _copy_tokenizer(run_dir: Path, out: Path, tokenizer: Any) -> list[str]:
@@ -103,44 +95,25 @@ def _mib(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.ternary:
-        try:
-            hf_export = importlib.import_module("mhmoe.hf_export")
-        except ModuleNotFoundError as err:
-            if err.name != "mhmoe.hf_export":
-                raise
-            hf_export = None
-        if hf_export is not None:
-            accepted = inspect.signature(hf_export.export_hf).parameters
-            kwargs = {"dtype": args.dtype} if "dtype" in accepted else {}
-            if args.step is not None:
-                if "step" not in accepted:
-                    raise CLIError("--step: this mhmoe.hf_export cannot export a chosen step")
-                kwargs["step"] = args.step
-            hf_export.export_hf(args.run_dir, args.out, **kwargs)
-            return 0
-
-    from mhmoe import export_ternary as et
-    from mhmoe.quant import bitnet_modules
+        export_hf(args.run_dir, args.out, dtype=args.dtype, step=args.step)
+        return 0
 
     if args.step is not None and args.step < 1:
         raise CLIError(f"--step {args.step}: must be a positive integer")
     model, tokenizer, run_config = _load_run(args.run_dir, args.step)
     extra = {"run_config": _jsonable(run_config)}
-    if args.ternary:
-        if not bitnet_modules(model):
-            raise CLIError(
-                f"run {args.run_dir!r} has no BitNet layers: --ternary needs a run trained with --bitnet"
-            )
-        et.export_ternary(model, out, dtype=args.dtype, extra=extra)
-    else:
-        et.export_plain(model, out, dtype=args.dtype, extra=extra)
+    if not bitnet_modules(model):
+        raise CLIError(
+            f"run {args.run_dir!r} has no BitNet layers: --ternary needs a run trained with --bitnet"
+        )
+    ternary.export_ternary(model, out, dtype=args.dtype, extra=extra)
     copied = _copy_tokenizer(Path(args.run_dir), out, tokenizer)
-    size = (out / et.WEIGHTS_FILE).stat().st_size
+    size = (out / ternary.WEIGHTS_FILE).stat().st_size
     state = model.state_dict()
     fp32 = sum(t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size() for t in state.values())
     report = {
         "out": str(out),
-        "format": "ternary" if args.ternary else "plain",
+        "format": "ternary",
         "weights_bytes": size,
         "fp32_equivalent_bytes": fp32,
         "bf16_equivalent_bytes": sum(
@@ -149,5 +122,5 @@ def run(args: argparse.Namespace) -> int:
         "tokenizer_files": copied,
     }
     print(json.dumps(report, indent=2))
-    print(f"{et.WEIGHTS_FILE}: {_mib(size)} (fp32 weights would be {_mib(fp32)})")
+    print(f"{ternary.WEIGHTS_FILE}: {_mib(size)} (fp32 weights would be {_mib(fp32)})")
     return 0

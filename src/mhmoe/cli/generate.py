@@ -23,6 +23,13 @@ from typing import TextIO
 
 from mhmoe.cli import CLIError
 from mhmoe.cli.train import non_negative_float, non_negative_int, positive_int
+from mhmoe.hf import export as hf_export
+from mhmoe.runs.checkpoint import CONFIG_FILE
+from mhmoe.runs.checkpoint import read_run_config
+from mhmoe.runs.checkpoint import load_run
+from mhmoe.bitnet.ternary import is_ternary_export, load_export
+from mhmoe.decoding import generate_tokens
+from mhmoe.runtime import resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,15 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_model(path: Path, step: int | None = None, device: str = "cpu"):
     """(TransformerLM, TextTokenizer, description) of a run folder or an export folder."""
-    from mhmoe import hf_export
-    from mhmoe.checkpoint import CONFIG_FILE, read_run_config
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run or export folder")
     if not (path / CONFIG_FILE).is_file():
         raise CLIError(f"{path}: has no {CONFIG_FILE}; expected a run folder (mhmoe train) or an export (mhmoe export)")
-    from mhmoe.export_ternary import is_ternary_export, load_export
 
     if is_ternary_export(path):  # mhmoe export --ternary: packed 2-bit BitNet weights
         if step is not None:
@@ -68,7 +72,6 @@ def load_model(path: Path, step: int | None = None, device: str = "cpu"):
             raise CLIError(f"--step {step}: only applies to run folders; {path} is an export")
         model, tokenizer, _ = hf_export.load_hf_export(path, device=device)
         return model, tokenizer, f"export {path}"
-    from mhmoe.checkpoint import load_run
 
     read_run_config(path)  # raises a clear error for a folder that is neither
     model, tokenizer, _ = load_run(path, step=step, device=device)
@@ -108,8 +111,6 @@ class TokenStreamer:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from mhmoe.hf.decoding import generate_tokens
-    from mhmoe.train import resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer, description = load_model(args.model, args.step, str(device))

@@ -5,7 +5,7 @@
     mhmoe parity --d-model 512 --d-ff 1408 --experts 16 --top-k 2 --heads 2 4
 
 Rows: dense, the SMoE baseline, fine-grained SMoE and MH-MoE for every requested head count,
-each planned from the SMoE by ``mhmoe.parity.plan_mhmoe``. Counts are per MoE layer; FLOPs are
+each planned from the SMoE by ``mhmoe.plan_mhmoe``. Counts are per MoE layer; FLOPs are
 2 per multiply-add, forward, per token; "active" FLOPs are head + experts + merge (+ shared
 expert), the router's matmul is reported apart. Deviations are relative to the SMoE.
 """
@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from mhmoe import parity
+from mhmoe.planning.planner import deviation_pct, plan_mhmoe
+from mhmoe.planning.variants import Variant, paper_smoe, plan_variants
+from mhmoe.training.presets import get_preset, preset_names
 from mhmoe.cli import CLIError
 from mhmoe.config import ACTIVATIONS, MoEConfig
 
@@ -35,8 +37,8 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--preset",
-        choices=sorted(parity.PRESET_D_MODEL),
-        help="a named SMoE baseline: paper (d_model 768, 8 x 2048 top-1) or mini (192, 8 x 512); "
+        choices=preset_names(),
+        help="the SMoE baseline of a preset: paper (d_model 768, 8 x 2048 top-1), mini (192, 8 x 512), ...; "
         "the default when no --d-model/--d-ff/--experts/--top-k is given is paper",
     )
     p.add_argument("--d-model", type=int, help="free-form baseline: model width d")
@@ -108,8 +110,9 @@ def _baseline(args: argparse.Namespace) -> tuple[str, MoEConfig]:
         label = "free-form"
     else:
         preset = args.preset or "paper"
-        smoe = parity.preset_smoe(
-            preset, shared_expert=args.shared_expert, activation=args.activation, bias=args.bias
+        smoe = paper_smoe(
+            get_preset(preset).d_model, shared_expert=args.shared_expert, activation=args.activation,
+            bias=args.bias,
         )
         label = f"preset {preset}"
     if args.shared_d_ff is not None:
@@ -119,7 +122,7 @@ def _baseline(args: argparse.Namespace) -> tuple[str, MoEConfig]:
 
 def _plan(
     args: argparse.Namespace, smoe: MoEConfig
-) -> tuple[list[parity.Variant], list[dict]]:
+) -> tuple[list[Variant], list[dict]]:
     if args.round_experts < 1:
         raise CLIError(f"--round-experts={args.round_experts}: must be a positive integer")
     if args.round_d_expert < 1:
@@ -128,7 +131,7 @@ def _plan(
         raise CLIError(
             f"--fine-grained-top-k={args.fine_grained_top_k}: must be a positive integer"
         )
-    variants = parity.plan_variants(
+    variants = plan_variants(
         smoe,
         args.round_experts,
         heads=(),
@@ -140,17 +143,17 @@ def _plan(
         if h < 1:
             raise CLIError(f"--heads {h}: must be a positive integer")
         try:
-            plan = parity.plan_mhmoe(
+            plan = plan_mhmoe(
                 smoe, h, round_experts=args.round_experts, round_d_expert=args.round_d_expert
             )
         except ValueError as err:
             skipped.append({"name": f"mhmoe_h{h}", "num_heads": h, "reason": str(err)})
             continue
-        variants.append(parity.Variant(f"mhmoe_h{h}", plan.config, plan))
+        variants.append(Variant(f"mhmoe_h{h}", plan.config, plan))
     return variants, skipped
 
 
-def _row(variant: parity.Variant, reference: parity.Variant) -> dict:
+def _row(variant: Variant, reference: Variant) -> dict:
     cfg = variant.config
     params, flops = variant.params, variant.flops
     ref_params, ref_flops = reference.params, reference.flops
@@ -175,8 +178,8 @@ def _row(variant: parity.Variant, reference: parity.Variant) -> dict:
         "router_flops_per_token": flops.router,
         "combine_flops_per_token": flops.combine,
         "active_multiply_adds_per_token": flops.layer // 2,
-        "flops_deviation_pct": parity.deviation_pct(flops.layer, ref_flops.layer),
-        "params_deviation_pct": parity.deviation_pct(params.total, ref_params.total),
+        "flops_deviation_pct": deviation_pct(flops.layer, ref_flops.layer),
+        "params_deviation_pct": deviation_pct(params.total, ref_params.total),
     }
     if variant.plan is not None:
         row["d_expert_exact"] = float(variant.plan.d_expert_exact)

@@ -19,6 +19,7 @@ from mhmoe.cli.train import (
     run_options_from_args,
     variant_name,
 )
+from mhmoe.training.reproduce import ReproduceOptions, reproduce
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from mhmoe.reproduce import ReproduceOptions, reproduce
 
     template = run_options_from_args(args, out=args.out, variant="smoe", quiet=args.quiet)
     options = ReproduceOptions(

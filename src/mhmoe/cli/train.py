@@ -3,7 +3,7 @@
     mhmoe train --preset demo --variant mhmoe_h2 --out runs/h2
     mhmoe train --preset demo --variant mhmoe_h2 --out runs/h2 --resume   # continue
 
-The run folder layout is documented in ``mhmoe.checkpoint``. The argument helpers here are
+The run folder layout is documented in ``mhmoe.runs.checkpoint``. The argument helpers here are
 shared with ``mhmoe eval`` and ``mhmoe reproduce``.
 """
 
@@ -16,6 +16,12 @@ import sys
 from pathlib import Path
 
 from mhmoe.cli import CLIError
+from mhmoe.data import parse_eval_spec
+from mhmoe.planning.variants import apply_variant_flags
+from mhmoe.planning.variants import parse_variant
+from mhmoe.training.presets import preset_names
+from mhmoe.training.run import RunOptions
+from mhmoe.training.run import run_training
 
 VARIANT_HELP = (
     "dense, smoe, fine_grained, mhmoe_h2, mhmoe_h3 (any mhmoe_h<N>), optionally with suffixes "
@@ -98,7 +104,6 @@ def fraction_0_1(text: str) -> float:
 
 
 def variant_name(text: str) -> str:
-    from mhmoe.presets import parse_variant
 
     try:
         return parse_variant(text).name
@@ -107,7 +112,6 @@ def variant_name(text: str) -> str:
 
 
 def eval_spec(text: str) -> tuple[str, str]:
-    from mhmoe.data import parse_eval_spec
 
     try:
         return parse_eval_spec(text)
@@ -129,7 +133,6 @@ def flatten(groups: list[list[str]] | None) -> list[str]:
 
 
 def preset_choices() -> list[str]:
-    from mhmoe.presets import preset_names
 
     return list(preset_names())
 
@@ -219,7 +222,6 @@ def add_variant_flags(parser: argparse.ArgumentParser) -> None:
 
 def run_options_from_args(args: argparse.Namespace, **overrides):
     """RunOptions from parsed ``train``/``reproduce`` arguments."""
-    from mhmoe.train import RunOptions
 
     fields = dict(
         out=args.out,
@@ -307,8 +309,6 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mhmoe.presets import apply_variant_flags
-    from mhmoe.train import run_training
 
     spec = apply_variant_flags(
         args.variant,

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mhmoe.atomic import atomic_binary_writer, atomic_write_text
+from mhmoe.runs.atomic import atomic_binary_writer, atomic_write_text
 from mhmoe.data.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)

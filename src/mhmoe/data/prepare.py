@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from mhmoe.atomic import atomic_write_text
+from mhmoe.runs.atomic import atomic_write_text
 from mhmoe.data.cache import TokenSet, build_caches, load_cache, normalize_key
 from mhmoe.data.sources import DEFAULT_TEXT_FIELD, DatasetLoader, Source, cap_bytes, open_source
 from mhmoe.data.splits import DEFAULT_HELDOUT_FRACTION, split_heldout, validate_eval_name, validate_heldout_fraction
@@ -296,3 +296,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def prepare_run_data(settings: dict[str, Any], data_dir: Path, tokenizer_path: Path | None = None,
+                     verify_checksum: bool = True):
+    """``mhmoe.data.prepare_data`` with a run's data settings (see ``data_settings``)."""
+
+    tokenizer = tokenizer_path if tokenizer_path is not None else settings.get("tokenizer")
+    return prepare_data(
+        settings["sources"],
+        settings["eval"],
+        data_dir,
+        vocab_size=settings["vocab_size"],
+        tokenizer_path=tokenizer,
+        heldout_fraction=settings["heldout_fraction"],
+        max_train_bytes=settings["max_train_bytes"],
+        max_eval_bytes=settings["max_eval_bytes"],
+        tokenizer_sample_bytes=settings.get("tokenizer_sample_bytes") or DEFAULT_SAMPLE_BYTES,
+        verify_checksum=verify_checksum,
+    )

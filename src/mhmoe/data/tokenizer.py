@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mhmoe.atomic import atomic_write_text
+from mhmoe.runs.atomic import atomic_write_text
 from mhmoe.data.sources import cap_bytes
 
 logger = logging.getLogger(__name__)

@@ -42,6 +42,7 @@ from torch import nn
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.moe import MoEAux, combine_assignments, routing_aux, sort_assignments
 from mhmoe.layers.routing import TopKRouter
+from mhmoe.layers.mh_moe import MHMoE
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,6 @@ def source_to_expert_order(counts_PL: torch.Tensor) -> torch.Tensor:
 
 def expert_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every MoE layer (an ``MHMoE``, which includes ``MoE``)."""
-    from mhmoe.layers.mh_moe import MHMoE
 
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MHMoE)]
 

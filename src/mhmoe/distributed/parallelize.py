@@ -112,16 +112,6 @@ class ParallelModel:
         """``torch.nn.utils.clip_grad_norm_`` over the whole (sharded) model; see the function."""
         return clip_grad_norm_(self, max_norm)
 
-    # State dicts in the single-process layout (mhmoe.distributed.state).
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        from mhmoe.distributed.state import full_model_state_dict
-
-        return full_model_state_dict(self)
-
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from mhmoe.distributed.state import load_full_model_state_dict
-
-        load_full_model_state_dict(self, state)
 
 
 def _broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:

@@ -2,11 +2,11 @@
 single-process layout.
 
 A checkpoint written by a sharded job is byte-for-byte the format a single process writes
-(``mhmoe.checkpoint``: ``model.safetensors`` with the unsharded state dict, ``optimizer.pt``
+(``mhmoe.runs.checkpoint``: ``model.safetensors`` with the unsharded state dict, ``optimizer.pt``
 with ``optimizer.state_dict()`` of the unsharded model), so it loads on any world size, any
 ``--dp``/``--ep`` choice, and in every single-process tool (``load_run``, evaluation,
 exports). Saving gathers the full tensors (a collective on every rank); only rank 0 writes,
-through ``mhmoe.checkpoint``'s atomic temp-file-and-rename. Loading reads the full file on
+through ``mhmoe.runs.checkpoint``'s atomic temp-file-and-rename. Loading reads the full file on
 every rank and keeps each rank's part.
 
 The cost is that the full model and optimiser state pass through every rank's memory at
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mhmoe.distributed.parallelize import ParallelModel
+from mhmoe.runs import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def load_full_optimizer_state_dict(
 
 class _Snapshot:
     """Presents an already gathered state dict through ``state_dict()``, the one method
-    ``mhmoe.checkpoint.save_checkpoint`` calls on the model and the optimiser."""
+    ``mhmoe.runs.checkpoint.save_checkpoint`` calls on the model and the optimiser."""
 
     def __init__(self, state: dict[str, Any]) -> None:
         self._state = state
@@ -210,10 +211,9 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int | None = None,
 ) -> Path:
-    """``mhmoe.checkpoint.save_checkpoint`` for a sharded model: gather on every rank, write on
+    """``mhmoe.runs.checkpoint.save_checkpoint`` for a sharded model: gather on every rank, write on
     rank 0 (atomic renames, ``latest`` last), then wait for rank 0 so that no rank runs ahead
     and reads a half-written checkpoint. Returns the checkpoint folder on every rank."""
-    from mhmoe import checkpoint as ckpt
 
     context = parallel_model.context
     model_state = full_model_state_dict(parallel_model)
@@ -231,7 +231,7 @@ def save_checkpoint(
 
 class _ShardingLoader:
     """Presents the sharded model or optimiser through ``load_state_dict(full_state)``, the one
-    method ``mhmoe.checkpoint.load_model_weights``/``load_optimizer_state`` call, so those
+    method ``mhmoe.runs.checkpoint.load_model_weights``/``load_optimizer_state`` call, so those
     readers (checksums, ``weights_only=True``) serve sharded jobs unchanged."""
 
     def __init__(self, parallel_model: ParallelModel, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -260,7 +260,6 @@ def load_checkpoint(
     """Load a checkpoint folder written by any world size into the sharded model (and
     optimiser); every rank reads the files (checksums verified, ``torch.load`` with
     ``weights_only=True``). Returns the checkpoint's state.json."""
-    from mhmoe import checkpoint as ckpt
 
     state = ckpt.read_checkpoint_state(folder) if state is None else state
     ckpt.load_model_weights(folder, _ShardingLoader(parallel_model), state)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ is all a program needs before using the Auto classes:
 * ``MHMoEConfig``, ``MHMoEModel``, ``MHMoEForCausalLM``, ``MHMoEPreTrainedModel`` are loaded
   (and registered) on first access: ``from mhmoe.hf import MHMoEForCausalLM``.
 
-``mhmoe.hf.decoding`` (KV-cached decoding over a TransformerLM) needs no transformers.
+``mhmoe.decoding`` (KV-cached decoding over a TransformerLM) needs no transformers.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MODEL_TYPE",
     "MHMoEConfig",
     "MHMoEForCausalLM",
     "MHMoEModel",
@@ -43,8 +42,6 @@ __all__ = [
     "is_available",
     "register",
 ]
-
-MODEL_TYPE = "mhmoe"
 
 _LAZY = {
     "MHMoEConfig": "mhmoe.hf.configuration",
@@ -77,19 +74,18 @@ def register() -> None:
         return
     if not is_available():
         raise ImportError("mhmoe.hf needs transformers>=5: pip install 'mhmoe[hf]'")
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from mhmoe.hf.configuration import MHMoEConfig
-    from mhmoe.hf.modeling import MHMoEForCausalLM, MHMoEModel
-
-    AutoConfig.register(MODEL_TYPE, MHMoEConfig, exist_ok=True)
-    AutoModel.register(MHMoEConfig, MHMoEModel, exist_ok=True)
-    AutoModelForCausalLM.register(MHMoEConfig, MHMoEForCausalLM, exist_ok=True)
+    # An optional extra: importing the modeling module needs transformers, and registers the
+    # classes with its Auto classes (mhmoe.hf.modeling.register_auto_classes).
+    importlib.import_module("mhmoe.hf.modeling")
     _registered = True
-    logger.debug("registered model_type %r with transformers' Auto classes", MODEL_TYPE)
 
 
 def _register_quietly() -> None:
+    configuration = sys.modules.get("mhmoe.hf.configuration")
+    if configuration is not None and not hasattr(configuration, "MHMoEConfig"):
+        # transformers was first imported by our own configuration module, which is still
+        # executing: it registers the config itself when done, the modeling module the models.
+        return
     try:
         register()
     except Exception as err:  # never break the user's `import transformers`

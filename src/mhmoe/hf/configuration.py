@@ -1,7 +1,7 @@
 """``MHMoEConfig``: the transformers configuration of an mhmoe language model.
 
 It carries the fields of ``mhmoe.model.ModelConfig`` under Hugging Face names where one
-exists (``mhmoe.hf_export.HF_NAMES``: d_model -> hidden_size, num_layers -> num_hidden_layers,
+exists (``mhmoe.hf.export.HF_NAMES``: d_model -> hidden_size, num_layers -> num_hidden_layers,
 max_seq_len -> max_position_embeddings, tie_embeddings -> tie_word_embeddings, norm_eps ->
 rms_norm_eps) and under their own names otherwise (dense_ffn, moe_ffn, moe_every, rope_theta,
 load_balancing_weight, z_loss_weight), plus ``bitnet`` (the ``mhmoe.quant.BitNetConfig``
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
-from mhmoe.hf_export import HF_NAMES, MODEL_TYPE, model_config_from_hf
-from mhmoe.model import ModelConfig
+from mhmoe.hf.export import HF_NAMES, model_config_from_hf
+from mhmoe.hf.export import MODEL_TYPE
+from mhmoe.config import ModelConfig
 
 __all__ = ["MHMoEConfig"]
 
@@ -115,3 +116,7 @@ class MHMoEConfig(PreTrainedConfig):
         """An MHMoEConfig for a ``ModelConfig`` (``kwargs``: token ids, dtype, ...)."""
         fields = {HF_NAMES.get(name, name): value for name, value in model_config.to_dict().items()}
         return cls(**fields, bitnet=bitnet, **kwargs)
+
+
+# Importing this module is enough for AutoConfig (mhmoe.hf.modeling registers the models).
+AutoConfig.register(MODEL_TYPE, MHMoEConfig, exist_ok=True)

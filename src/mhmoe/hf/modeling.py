@@ -13,7 +13,7 @@ under the usual Hugging Face names::
     lm_head              <- TransformerLM.lm_head      (tied to model.embed_tokens when
                                                         tie_word_embeddings)
 
-The forward pass is ``mhmoe.hf.decoding.decoder_forward`` (KV cache through transformers'
+The forward pass is ``mhmoe.decoding.decoder_forward`` (KV cache through transformers'
 ``Cache``/``DynamicCache``, padding masks, explicit positions); with no cache and no padding
 it reproduces ``TransformerLM.forward`` bit for bit.
 
@@ -30,6 +30,7 @@ Routing outputs (``output_router_logits=True``): one entry per MoE layer, in blo
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +40,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from mhmoe.hf.configuration import MHMoEConfig
-from mhmoe.hf.decoding import decoder_forward
-from mhmoe.hf_export import WEIGHTS_FILE, bitnet_options, build_lm, hf_state_dict, mhmoe_state_dict
+from mhmoe.decoding import decoder_forward
+from mhmoe.hf.export import MODEL_TYPE, WEIGHTS_FILE
+from mhmoe.hf.export import bitnet_options, build_lm, hf_state_dict, mhmoe_state_dict
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.mh_moe import MHMoE
 from mhmoe.layers.routing import TopKRouter
 from mhmoe.model import TransformerLM
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MHMoECausalLMOutputWithPast",
@@ -440,7 +444,12 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
         return lm.to(self.lm_head.weight.device).train(self.training)
 
 
-# Importing this module is enough to use the Auto classes.
-from mhmoe.hf import register as _register  # noqa: E402
+def register_auto_classes() -> None:
+    """Register the models with transformers' Auto classes (idempotent; the config registers itself)."""
+    AutoModel.register(MHMoEConfig, MHMoEModel, exist_ok=True)
+    AutoModelForCausalLM.register(MHMoEConfig, MHMoEForCausalLM, exist_ok=True)
+    logger.debug("registered model_type %r with transformers' Auto classes", MODEL_TYPE)
 
-_register()
+
+# Importing this module is enough to use the Auto classes.
+register_auto_classes()

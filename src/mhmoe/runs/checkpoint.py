@@ -67,8 +67,11 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from mhmoe.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
-from mhmoe.model import ModelConfig, TransformerLM
+from mhmoe.runs.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mhmoe.config import ModelConfig
+from mhmoe.model import TransformerLM
+from mhmoe.data import load_tokenizer
+from mhmoe.bitnet.convert import apply_bitnet
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +410,6 @@ def load_run(
     ``step`` None loads the ``latest`` checkpoint. The tokenizer is RUN_DIR/tokenizer.json
     loaded with ``mhmoe.data.load_tokenizer``.
     """
-    from mhmoe.data import load_tokenizer
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -416,7 +418,6 @@ def load_run(
     model = TransformerLM(model_config)
     # BitNet runs (``mhmoe train --bitnet``): the same conversion as at training time, so the
     # BitLinear/BitExperts modules and their norm gains exist before the weights are loaded.
-    from mhmoe.quant import apply_bitnet
 
     apply_bitnet(model, config.get("bitnet"))
     try:

@@ -48,8 +48,14 @@ import torch
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save_file as safetensors_save_file
 
-from mhmoe.atomic import fsync_directory
-from mhmoe.model import ModelConfig, TransformerLM
+from mhmoe.runs.atomic import fsync_directory
+from mhmoe.config import ModelConfig
+from mhmoe.model import TransformerLM
+from mhmoe.version import __version__
+from mhmoe.runs.checkpoint import load_run, resolve_checkpoint
+from mhmoe.data import load_tokenizer
+from mhmoe.bitnet.convert import apply_bitnet
+from mhmoe.bitnet.convert import bitnet_modules
 
 logger = logging.getLogger(__name__)
 
@@ -238,10 +244,6 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
 def bitnet_options(model: torch.nn.Module) -> dict[str, Any] | None:
     """The ``BitNetConfig`` dict of a BitNet-converted model, None for a full-precision one."""
     config = getattr(model, "bitnet_config", None)
-    try:
-        from mhmoe.quant import bitnet_modules
-    except ImportError:  # no quantisation support installed: nothing can be quantised
-        return None
     quantised = bitnet_modules(model)
     if not quantised:
         return None
@@ -352,7 +354,6 @@ def export_model(
     bitnet = bitnet_options(model)
     tokenizer_json, tokenizer_config, eot_id = _tokenizer_files(tokenizer, model_config)
     dtype_name = _dtype_name(dtype)
-    from mhmoe import __version__
 
     info = {"format": EXPORT_FORMAT, "mhmoe_version": __version__, **(dict(source or {}))}
     config = hf_config_dict(model_config, bitnet=bitnet, eot_id=eot_id, dtype=dtype_name, export_info=info)
@@ -405,10 +406,9 @@ def export_hf(
 ) -> Path:
     """Export checkpoint ``step`` (None: latest) of a training run to the HF folder ``out``.
 
-    Loads the run with ``mhmoe.checkpoint.load_run`` and writes it with ``export_model``;
+    Loads the run with ``mhmoe.runs.checkpoint.load_run`` and writes it with ``export_model``;
     prints nothing (``mhmoe export`` reports the files). Returns ``out``.
     """
-    from mhmoe.checkpoint import load_run, resolve_checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -475,10 +475,6 @@ def build_lm(model_config: ModelConfig, bitnet: Mapping[str, Any] | None = None)
     """A TransformerLM for ``model_config``, BitNet-converted with the stored options if any."""
     model = TransformerLM(model_config)
     if bitnet:
-        try:
-            from mhmoe.quant import apply_bitnet
-        except ImportError as err:
-            raise ExportError(f"the config asks for BitNet ({dict(bitnet)}) but mhmoe.quant is unavailable ({err})") from None
         model = apply_bitnet(model, dict(bitnet))
     return model
 
@@ -491,7 +487,6 @@ def load_hf_export(
     Needs no ``transformers``: this is how ``mhmoe generate`` reads exports. Weights are read
     from safetensors only and must match the model exactly (ExportError naming the keys).
     """
-    from mhmoe.data import load_tokenizer
 
     path = Path(path)
     config = check_export_dir(path)

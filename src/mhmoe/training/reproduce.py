@@ -36,10 +36,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mhmoe.analytics import plot_activation_ratio, routing_table_markdown
-from mhmoe import checkpoint as ckpt
-from mhmoe.presets import PAPER_VARIANTS, ablation_variants, get_preset, parse_variant, variant_label
-from mhmoe.train import RunOptions, check_output_dir, data_settings, prepare_run_data, read_metrics, run_training
+from mhmoe.analytics.plots import plot_activation_ratio
+from mhmoe.analytics.report import routing_table_markdown
+from mhmoe.runs import checkpoint as ckpt
+from mhmoe.planning.variants import PAPER_VARIANTS, ablation_variants, parse_variant, variant_label
+from mhmoe.training.presets import get_preset
+from mhmoe.training.run import RunOptions, data_settings, run_training
+from mhmoe.runs.validation import check_output_dir
+from mhmoe.data.prepare import prepare_run_data
+from mhmoe.runs.metrics import read_metrics
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -390,9 +398,6 @@ def _paper_reference(results: dict[str, Any]) -> list[str]:
 def write_plot(results: dict[str, Any], path: Path) -> None:
     """loss.png: validation loss against training tokens, one line per variant, one panel per
     evaluation set (matplotlib's Agg canvas; no pyplot global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
 
     sets = results["eval_sets"] or []
     panels = max(1, len(sets))

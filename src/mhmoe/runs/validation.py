@@ -196,3 +196,18 @@ def check_free_space(folder: Path, needed: int, flag: str = "--out") -> int:
             f"{needed / 2**20:.1f} MiB; free some space or choose another folder"
         )
     return free
+
+
+def check_output_dir(path: Path, flag: str = "--out") -> Path:
+    """Create ``path`` if needed and check that it is a writable folder (ValueError otherwise)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot create the folder ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder is not writable")
+    probe_writable(path, flag)  # read-only mounts, root without write access, a full disk
+    return path

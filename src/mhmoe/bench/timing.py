@@ -36,7 +36,6 @@ CPU).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -48,22 +47,23 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.layers.mh_moe import MHMoE, build_ffn
+from mhmoe.layers.mh_moe import build_ffn
+from mhmoe.model import TransformerLM, lm_loss
+from mhmoe.planning.counts import count_flops
+from mhmoe.planning.variants import paper_variants
+from mhmoe.training.presets import get_preset, model_config
+from mhmoe.bench.peers import HF_IMPLEMENTATIONS, PEER_MEMORY_LIMIT_BYTES, PEERS, build_peer, hf_available, peer_memory_estimate
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("dense", "smoe", "fine_grained", "mhmoe_h2", "mhmoe_h3")
-PEERS = ("ours", "grouped", "loop", "hf_eager", "hf_batched_mm", "hf_grouped_mm", "gshard")
-HF_IMPLEMENTATIONS = {"hf_eager": "eager", "hf_batched_mm": "batched_mm", "hf_grouped_mm": "grouped_mm"}
 
 
 def variant_configs(d_model: int) -> dict[str, DenseConfig | MoEConfig]:
     """The paper's five FFN variants at ``d_model`` (expert sizes scale with d_model)."""
-    from mhmoe.parity import paper_variants
 
     return dict(paper_variants(d_model))
 
@@ -71,192 +71,6 @@ def variant_configs(d_model: int) -> dict[str, DenseConfig | MoEConfig]:
 # ---------------------------------------------------------------------------------------------
 # Peers: each takes our layer (weights are copied, never shared) and returns y = f(x_TD)
 # ---------------------------------------------------------------------------------------------
-
-
-def _split_merge(layer: MHMoE, core: Callable[[torch.Tensor], torch.Tensor]):
-    """head -> split -> core on (T*H, S) units -> unsplit -> merge, with our head/merge."""
-
-    def forward(x_TD: torch.Tensor) -> torch.Tensor:
-        num_tokens = x_TD.shape[0]
-        x_hat_TD = layer.head(x_TD) if layer.head is not None else x_TD
-        y_NS = core(x_hat_TD.reshape(num_tokens * layer.num_heads, layer.d_sub))
-        y_TD = y_NS.reshape(num_tokens, layer.d_model)
-        return layer.merge(y_TD) if layer.merge is not None else y_TD
-
-    return forward
-
-
-class LoopPeer(nn.Module):
-    """The per-expert loop of HF transformers v4 MoE blocks (Mixtral/Qwen2-MoE pattern)."""
-
-    def __init__(self, layer: MHMoE) -> None:
-        super().__init__()
-        self.layer = copy.deepcopy(layer)
-
-    def _core(self, x_NS: torch.Tensor) -> torch.Tensor:
-        router, experts = self.layer.router, self.layer.experts
-        route = router(x_NS)
-        weights_NK = route.weights_NK.to(x_NS.dtype)
-        y_NS = torch.zeros_like(x_NS)
-        expert_mask_EKN = F.one_hot(route.expert_ids_NK, router.num_experts).permute(2, 1, 0)
-        hit = torch.nonzero(expert_mask_EKN.sum(dim=(1, 2)) > 0).flatten().tolist()
-        for expert in hit:
-            rank_idx, unit_idx = torch.where(expert_mask_EKN[expert])
-            out_rS = experts.forward_one(expert, x_NS[unit_idx])
-            out_rS = out_rS * weights_NK[unit_idx, rank_idx, None]
-            y_NS.index_add_(0, unit_idx, out_rS)
-        return y_NS
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return _split_merge(self.layer, self._core)(x_TD)
-
-
-def hf_available(implementation: str = "eager") -> bool:
-    """Whether transformers v5's Qwen3-MoE block with this experts implementation is importable."""
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: F401
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import (  # noqa: F401
-            Qwen3MoeSparseMoeBlock,
-        )
-    except Exception:  # ImportError, or an incompatible version
-        return False
-    return implementation == "eager" or implementation in ALL_EXPERTS_FUNCTIONS
-
-
-class HFPeer(nn.Module):
-    """HF transformers v5 ``Qwen3MoeSparseMoeBlock`` as the MoE core, our weights copied in.
-
-    Same router semantics as ours: softmax over all experts, top-k, renormalised when k > 1.
-    """
-
-    def __init__(self, layer: MHMoE, implementation: str) -> None:
-        super().__init__()
-        from transformers import Qwen3MoeConfig
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-        if layer.experts.activation != "swiglu":
-            raise ValueError("the HF Qwen3-MoE block has SwiGLU experts only")
-        cfg = Qwen3MoeConfig(
-            hidden_size=layer.d_sub,
-            num_experts=layer.router.num_experts,
-            num_experts_per_tok=layer.router.top_k,
-            moe_intermediate_size=layer.experts.d_expert,
-            norm_topk_prob=layer.router.normalize_top_k,
-            hidden_act="silu",
-        )
-        cfg._experts_implementation = implementation
-        self.layer = copy.deepcopy(layer)
-        self.block = Qwen3MoeSparseMoeBlock(cfg)
-        with torch.no_grad():
-            self.block.gate.weight.copy_(layer.router.weight)
-            self.block.experts.gate_up_proj.copy_(
-                torch.cat([layer.experts.w1, layer.experts.w3], dim=1)  # (E, 2F, S)
-            )
-            self.block.experts.down_proj.copy_(layer.experts.w2)  # (E, S, F)
-        self.block.to(dtype=layer.experts.w1.dtype, device=layer.experts.w1.device)
-
-    def _core(self, x_NS: torch.Tensor) -> torch.Tensor:
-        return self.block(x_NS.unsqueeze(0)).squeeze(0)
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return _split_merge(self.layer, self._core)(x_TD)
-
-
-class GShardPeer(nn.Module):
-    """GShard-style einsum dispatch with capacity (Lepikhin et al. 2020; fairseq/torchscale MoE).
-
-    Units are cut into groups of ``group_size``; per group each expert takes at most
-    C = ceil(capacity_factor * group_size * K / E) assignments, first choices of all units
-    before second choices. dispatch_GSEC (0/1) and combine_GSEC (gate weights) are dense
-    one-hot tensors; expert inputs are einsum("gsec,gsm->egcm"), outputs are combined by
-    einsum("gsec,egcm->gsm").
-    """
-
-    def __init__(self, layer: MHMoE, capacity_factor: float = 1.25, group_size: int = 512) -> None:
-        super().__init__()
-        self.layer = copy.deepcopy(layer)
-        self.capacity_factor = capacity_factor
-        self.group_size = group_size
-
-    def _core(self, x_NS: torch.Tensor) -> torch.Tensor:
-        router, experts = self.layer.router, self.layer.experts
-        num_units, d_unit = x_NS.shape
-        num_experts, top_k = router.num_experts, router.top_k
-        group = min(self.group_size, num_units)
-        pad = (-num_units) % group
-        route = router(x_NS)
-        ids_NK, weights_NK = route.expert_ids_NK, route.weights_NK.to(x_NS.dtype)
-        x_pad = F.pad(x_NS, (0, 0, 0, pad))
-        num_groups = x_pad.shape[0] // group
-        capacity = max(1, math.ceil(self.capacity_factor * group * top_k / num_experts))
-        ids_GSK = F.pad(ids_NK, (0, 0, 0, pad), value=0).view(num_groups, group, top_k)
-        w_GSK = F.pad(weights_NK, (0, 0, 0, pad)).view(num_groups, group, top_k)
-        valid_GS1 = F.pad(x_NS.new_ones(num_units, 1), (0, 0, 0, pad)).view(num_groups, group, 1)
-        dispatch = x_NS.new_zeros(num_groups, group, num_experts, capacity)
-        combine = x_NS.new_zeros(num_groups, group, num_experts, capacity)
-        filled_GE = torch.zeros(num_groups, 1, num_experts, dtype=torch.long, device=x_NS.device)
-        for k in range(top_k):  # k-th choices after all (k-1)-th choices
-            mask_GSE = F.one_hot(ids_GSK[..., k], num_experts) * valid_GS1.long()
-            position_GSE = torch.cumsum(mask_GSE, dim=1) - 1 + filled_GE
-            filled_GE = filled_GE + mask_GSE.sum(dim=1, keepdim=True)
-            keep_GSE = mask_GSE * (position_GSE < capacity)
-            slot_GSEC = F.one_hot(position_GSE.clamp(0, capacity - 1), capacity) * keep_GSE[..., None]
-            dispatch = dispatch + slot_GSEC.to(x_NS.dtype)
-            combine = combine + slot_GSEC.to(x_NS.dtype) * w_GSK[..., k, None, None]
-        x_EGCS = torch.einsum("gsec,gsm->egcm", dispatch, x_pad.view(num_groups, group, d_unit))
-        x_EMS = x_EGCS.reshape(num_experts, num_groups * capacity, d_unit)
-        hidden = F.silu(torch.bmm(x_EMS, experts.w1.transpose(1, 2)))
-        if experts.activation == "swiglu":
-            hidden = hidden * torch.bmm(x_EMS, experts.w3.transpose(1, 2))
-        else:
-            hidden = F.relu(torch.bmm(x_EMS, experts.w1.transpose(1, 2)))
-        y_EMS = torch.bmm(hidden, experts.w2.transpose(1, 2))
-        y_EGCS = y_EMS.view(num_experts, num_groups, capacity, d_unit)
-        y_GSS = torch.einsum("gsec,egcm->gsm", combine, y_EGCS)
-        return y_GSS.reshape(-1, d_unit)[:num_units]
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return _split_merge(self.layer, self._core)(x_TD)
-
-
-PEER_MEMORY_LIMIT_BYTES = 3 * 2**30
-"""Peers whose big intermediate tensors would exceed this are skipped (reported as such)."""
-
-
-def peer_memory_estimate(name: str, layer: nn.Module, tokens: int, element_size: int = 4,
-                         gshard_capacity_factor: float = 1.25, gshard_group_size: int = 512) -> int:
-    """Bytes of the largest intermediates a peer materialises (0 when nothing out of scale)."""
-    if not isinstance(layer, MHMoE):
-        return 0
-    units = tokens * layer.num_heads
-    experts = layer.experts
-    if name == "hf_batched_mm":  # one gathered copy of the expert weights per assignment
-        per_row = 3 * experts.d_expert * experts.d_in
-        return units * layer.router.top_k * per_row * element_size
-    if name == "gshard":  # dispatch and combine (G, S, E, C) and their one-hot temporaries
-        group = min(gshard_group_size, units)
-        capacity = math.ceil(gshard_capacity_factor * group * layer.router.top_k / experts.num_experts)
-        return 4 * units * experts.num_experts * capacity * element_size
-    return 0
-
-
-def build_peer(name: str, layer: nn.Module, **options) -> Callable[[torch.Tensor], Any]:
-    """The module of peer ``name`` for our ``layer`` (weights copied)."""
-    if name == "ours":
-        return layer
-    if not isinstance(layer, MHMoE):
-        raise ValueError(f"peer {name!r} applies to MoE variants only")
-    if name == "grouped":
-        peer = copy.deepcopy(layer)
-        peer.experts.implementation = "grouped"
-        return peer
-    if name == "loop":
-        return LoopPeer(layer)
-    if name in HF_IMPLEMENTATIONS:
-        return HFPeer(layer, HF_IMPLEMENTATIONS[name])
-    if name == "gshard":
-        return GShardPeer(layer, **options)
-    raise ValueError(f"peer={name!r}: must be one of {', '.join(PEERS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +176,6 @@ class CaseResult:
 
 def step_flops(config: DenseConfig | MoEConfig, tokens: int) -> int:
     """Active matmul FLOPs of forward + backward (3 x forward; router excluded)."""
-    from mhmoe.parity import count_flops
 
     return 3 * int(count_flops(config, tokens).layer)
 
@@ -524,8 +337,6 @@ def run_e2e_benchmark(
 ) -> dict[str, Any]:
     """Training steps (forward, LM + auxiliary loss, backward, AdamW step) of each variant of
     a preset, on random token ids, round-robin; tokens/s from the median step time."""
-    from mhmoe.model import TransformerLM, lm_loss
-    from mhmoe.presets import get_preset, model_config
 
     say = progress or (lambda message: None)
     dev = torch.device(device)

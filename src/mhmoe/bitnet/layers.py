@@ -32,7 +32,7 @@ computed in float32 (float64 for float64 inputs) and returned in the input's dty
 through (STE) [BitNet Sec. 2.3]: the forward value is q(x), the gradient is the identity. We write
 it ``x - x.detach() + q(x).detach()``: the same as the FAQ's ``x + (q(x) - x).detach()`` but
 exactly q(x) in floating point (``x - x.detach()`` is exactly 0), which is what lets the packed
-ternary model (``mhmoe.export_ternary``) reproduce the training-time logits bit for bit.
+ternary model (``mhmoe.bitnet.ternary``) reproduce the training-time logits bit for bit.
 No scale receives a gradient; BitLinear has no bias (a bias found on a converted nn.Linear is
 kept in full precision and added after the matmul).
 
@@ -66,13 +66,8 @@ Two-stage schedule [FAQ]: ``two_stage_schedule`` (module end).
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import logging
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +106,6 @@ ACTIVATION_BITS = 8
 Q_MAX = 2 ** (ACTIVATION_BITS - 1) - 1  # 127
 Q_MIN = -(2 ** (ACTIVATION_BITS - 1))  # -128
 NORM_EPS = 1e-6
-
-DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head")
-"""Module names ``to_bitnet`` leaves in full precision unless ``exclude`` is given."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +218,7 @@ def _quantize_input(x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Quantised layers. Each has a ``quantized_weight(s)`` method; the packed ternary layers of
-# ``mhmoe.export_ternary`` reuse the same forward math and only return unpacked weights there.
+# ``mhmoe.bitnet.ternary`` reuse the same forward math and only return unpacked weights there.
 # --------------------------------------------------------------------------------------------
 
 
@@ -415,273 +407,3 @@ class BitRouter(_BitRouterMath, TopKRouter):
 
     def quantized_weight(self) -> torch.Tensor:
         return weight_quant(self.weight)
-
-
-# --------------------------------------------------------------------------------------------
-# Converter
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BitNetConfig:
-    """The options of ``to_bitnet``, JSON-able (stored with run configs and ternary exports)."""
-
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
-    quantize_router: bool = False
-    norm: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["include"] = None if self.include is None else list(self.include)
-        data["exclude"] = list(self.exclude)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BitNetConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"bitnet config {data!r}: must be a JSON object")
-        unknown = sorted(set(data) - {"include", "exclude", "quantize_router", "norm"})
-        if unknown:
-            raise ValueError(f"bitnet config has unknown fields {unknown}")
-        fields = dict(data)
-        if fields.get("include") is not None:
-            fields["include"] = tuple(fields["include"])
-        if "exclude" in fields:
-            fields["exclude"] = tuple(fields["exclude"] or ())
-        return cls(**fields)
-
-
-Pattern = str | re.Pattern
-
-
-def _compile_patterns(name: str, patterns: Pattern | Iterable[Pattern] | None) -> list[tuple[str, Any]]:
-    """Patterns: glob strings (fnmatch, case-sensitive, whole name), ``re:<regex>`` strings or
-    compiled ``re.Pattern`` objects (both full-match the module name; a compiled pattern is
-    recorded in ``BitNetConfig`` as its ``re:`` string, without its flags)."""
-    if patterns is None:
-        return []
-    if isinstance(patterns, (str, re.Pattern)):
-        patterns = [patterns]
-    compiled = []
-    for pattern in patterns:
-        if isinstance(pattern, re.Pattern):
-            compiled.append((f"re:{pattern.pattern}", pattern))  # recorded as a "re:" string
-        elif isinstance(pattern, str) and pattern.startswith("re:"):
-            try:
-                compiled.append((pattern, re.compile(pattern[3:])))
-            except re.error as err:
-                raise ValueError(f"{name} pattern {pattern!r}: invalid regular expression ({err})") from None
-        elif isinstance(pattern, str) and pattern:
-            compiled.append((pattern, pattern))
-        else:
-            raise ValueError(
-                f"{name} pattern {pattern!r}: must be a non-empty glob string, 're:<regex>' or re.Pattern"
-            )
-    return compiled
-
-
-def _matches(module_name: str, pattern: Any) -> bool:
-    if isinstance(pattern, re.Pattern):
-        return pattern.fullmatch(module_name) is not None
-    return fnmatch.fnmatchcase(module_name, pattern)
-
-
-_QUANTIZED_TYPES: tuple[type, ...] = (BitLinear, BitExperts, BitRouter)
-
-
-def _eligible(module: nn.Module, quantize_router: bool) -> bool:
-    """Exactly nn.Linear (subclasses such as MultiheadAttention's out_proj are read by weight
-    elsewhere and are left alone), any Experts, the router when asked; never twice."""
-    if isinstance(module, _QUANTIZED_TYPES):
-        return False
-    if type(module) is nn.Linear or isinstance(module, Experts):
-        return True
-    return quantize_router and isinstance(module, TopKRouter)
-
-
-def _convert(module: nn.Module, norm: bool) -> nn.Module:
-    if isinstance(module, Experts):
-        return BitExperts.from_experts(module, norm=norm)
-    if isinstance(module, TopKRouter):
-        return BitRouter.from_router(module)
-    if module.bias is not None:
-        logger.warning("BitLinear from a biased nn.Linear: the bias stays in full precision")
-    return BitLinear.from_linear(module, norm=norm)
-
-
-def to_bitnet(
-    model: nn.Module,
-    include: Pattern | Sequence[Pattern] | None = None,
-    exclude: Pattern | Sequence[Pattern] | None = DEFAULT_EXCLUDE,
-    quantize_router: bool = False,
-    norm: bool = True,
-) -> nn.Module:
-    """Swap modules for their BitNet b1.58 versions, in place; returns the model.
-
-    Candidates: every ``nn.Linear`` (exact type) -> ``BitLinear``, every ``Experts`` ->
-    ``BitExperts`` and, with ``quantize_router``, every ``TopKRouter`` -> ``BitRouter``; the new
-    modules share the old Parameters (so weights, devices, dtypes and state_dict keys are kept;
-    the inner-norm gains are the only new keys, see the module docstring).
-
-    A candidate named ``name`` (as in ``model.named_modules()``) is converted when ``include`` is
-    None or one include pattern matches it, and no ``exclude`` pattern matches it. Patterns are
-    globs (``"blocks.*.attention.*"``), ``"re:<regex>"`` strings or compiled regexes, matched
-    against the whole name. By default the LM head (``lm_head``) is excluded; embeddings are
-    never candidates. Each explicit include pattern must match at least one candidate
-    (ValueError otherwise: a typo would silently train a full-precision model).
-
-    The options are recorded on the model as ``model.bitnet_config`` (a ``BitNetConfig``).
-    """
-    include_p = _compile_patterns("include", include) if include is not None else None
-    exclude_p = _compile_patterns("exclude", exclude)
-    candidates = [(name, m) for name, m in model.named_modules() if _eligible(m, quantize_router)]
-    if include_p is not None:
-        for raw, pattern in include_p:
-            if not any(_matches(name, pattern) for name, _ in candidates):
-                raise ValueError(
-                    f"include pattern {raw!r} matches no convertible module "
-                    f"(nn.Linear, Experts{', TopKRouter' if quantize_router else ''}); "
-                    f"candidates: {[name for name, _ in candidates][:20]}"
-                )
-    selected = [
-        (name, m) for name, m in candidates
-        if (include_p is None or any(_matches(name, p) for _, p in include_p))
-        and not any(_matches(name, p) for _, p in exclude_p)
-    ]
-    if type(model).__name__ == "TransformerLM" and any(
-        getattr(model, "lm_head", None) is m for _, m in selected
-    ):
-        raise ValueError(
-            "lm_head selected for quantisation: TransformerLM computes its logits from "
-            "lm_head.weight directly, so a BitLinear LM head would run unquantised; keep it out "
-            "of include (it is in the default exclude)"
-        )
-    for name, module in selected:
-        new = _convert(module, norm)
-        new.train(module.training)
-        if name == "":
-            model = new
-            break
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-    logger.info("to_bitnet: %d modules quantised (%d candidates)", len(selected), len(candidates))
-    config = BitNetConfig(
-        include=None if include is None else tuple(raw for raw, _ in include_p),
-        exclude=tuple(raw for raw, _ in exclude_p),
-        quantize_router=quantize_router,
-        norm=norm,
-    )
-    model.bitnet_config = config
-    return model
-
-
-def apply_bitnet(model: nn.Module, config: BitNetConfig | dict[str, Any] | bool | None) -> nn.Module:
-    """``to_bitnet`` with stored options: the one call for trainers and run loaders.
-
-    ``config``: None/False leaves the model unchanged; True uses the defaults; a BitNetConfig
-    or its ``to_dict()`` (as stored in a run's config.json under "bitnet") replays those options.
-    """
-    if config is None or config is False:
-        return model
-    if config is True:
-        config = BitNetConfig()
-    elif isinstance(config, dict):
-        config = BitNetConfig.from_dict(config)
-    elif not isinstance(config, BitNetConfig):
-        raise ValueError(f"bitnet={config!r}: must be None, a bool, a BitNetConfig or its dict")
-    return to_bitnet(
-        model, include=config.include, exclude=config.exclude,
-        quantize_router=config.quantize_router, norm=config.norm,
-    )
-
-
-def bitnet_modules(model: nn.Module) -> list[str]:
-    """Names of the BitNet-quantised modules of ``model`` (in ``named_modules`` order)."""
-    return [name for name, m in model.named_modules() if isinstance(m, _QUANTIZED_TYPES)]
-
-
-# --------------------------------------------------------------------------------------------
-# Two-stage schedule (FAQ)
-# --------------------------------------------------------------------------------------------
-
-
-def _check_number(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        rule = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"{name}={value!r}: must be a number {rule}")
-
-
-def two_stage_schedule(
-    step: int,
-    total_steps: int,
-    peak_lr: float,
-    *,
-    second_peak_lr: float | None = None,
-    warmup_steps: int = 0,
-    switch_fraction: float = 0.5,
-    final_lr: float = 0.0,
-    weight_decay: float = 0.1,
-    second_weight_decay: float = 0.0,
-) -> tuple[float, float]:
-    """(learning rate, weight decay) at 0-based ``step`` of the FAQ's two-stage BitNet schedule.
-
-    FAQ: "1.5e-3 to 8e-4, then 5e-4 to 0" for the LR and "0.1, then 0" for the weight decay,
-    switching halfway. Ours, with s = round(switch_fraction * total_steps):
-
-    * warmup (step < warmup_steps): lr = peak_lr * (step + 1) / warmup_steps;
-    * stage 1 (step < s): the straight line from peak_lr (at the end of warmup) to final_lr at
-      total_steps, i.e. about peak_lr / 2 at the switch (1.5e-3 -> 7.5e-4 with the FAQ numbers);
-    * stage 2 (step >= s): a drop to second_peak_lr (default peak_lr / 3, the FAQ's
-      1.5e-3 -> 5e-4), then linear to final_lr at total_steps;
-    * weight decay: ``weight_decay`` (0.1) in stage 1, ``second_weight_decay`` (0) in stage 2.
-
-    Steps past total_steps stay at final_lr. With AdamW, set each param group's
-    ``weight_decay`` to the returned value every step (PyTorch multiplies it by the LR).
-    """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step={step!r}: must be a non-negative integer")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps={total_steps!r}: must be a positive integer")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps!r}: must be a non-negative integer")
-    _check_number("peak_lr", peak_lr, strict=True)
-    second_peak_lr = peak_lr / 3 if second_peak_lr is None else second_peak_lr
-    _check_number("second_peak_lr", second_peak_lr)
-    _check_number("final_lr", final_lr)
-    _check_number("weight_decay", weight_decay)
-    _check_number("second_weight_decay", second_weight_decay)
-    if isinstance(switch_fraction, bool) or not isinstance(switch_fraction, (int, float)) \
-            or not 0 < switch_fraction <= 1:
-        raise ValueError(f"switch_fraction={switch_fraction!r}: must be in (0, 1]")
-    switch = round(switch_fraction * total_steps)
-    if warmup_steps > switch:
-        raise ValueError(
-            f"warmup_steps={warmup_steps} exceeds the stage switch at step {switch} "
-            f"(switch_fraction={switch_fraction} of total_steps={total_steps})"
-        )
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps, float(weight_decay)
-    if step < switch:
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return peak_lr + (final_lr - peak_lr) * progress, float(weight_decay)
-    progress = min((step - switch) / max(total_steps - switch, 1), 1.0)
-    return second_peak_lr + (final_lr - second_peak_lr) * progress, float(second_weight_decay)
-
-
-def two_stage_lambdas(total_steps: int, peak_lr: float, **kwargs: Any):
-    """(lr_lambda, wd_fn) for ``torch.optim.lr_scheduler.LambdaLR`` (optimizer lr = peak_lr).
-
-    ``lr_lambda(step)`` is the multiplier lr / peak_lr; ``wd_fn(step)`` the weight decay to set.
-    """
-    two_stage_schedule(0, total_steps, peak_lr, **kwargs)  # validate once, eagerly
-
-    def lr_lambda(step: int) -> float:
-        return two_stage_schedule(step, total_steps, peak_lr, **kwargs)[0] / peak_lr
-
-    def wd_fn(step: int) -> float:
-        return two_stage_schedule(step, total_steps, peak_lr, **kwargs)[1]
-
-    return lr_lambda, wd_fn

@@ -36,13 +36,14 @@ Variant names. A variant is a base name plus optional suffixes, separated by dot
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.model import ModelConfig, count_model_flops, count_model_params
-from mhmoe.parity import Variant, paper_smoe, plan_variants
+from mhmoe.config import ModelConfig
+from mhmoe.planning.counts import count_model_flops, count_model_params
+from mhmoe.planning.variants import Variant, paper_smoe, plan_variants
+from mhmoe.planning.variants import VariantSpec, parse_variant
 
 __all__ = [
     "BASE_VARIANTS",
@@ -61,11 +62,6 @@ __all__ = [
     "variant_label",
     "variant_summary",
 ]
-
-PAPER_VARIANTS = ("dense", "smoe", "fine_grained", "mhmoe_h2", "mhmoe_h3")
-"""The five models of the paper's Table 1, in its order."""
-
-BASE_VARIANTS = ("dense", "smoe", "fine_grained", "mhmoe_h<N>")
 
 
 @dataclass(frozen=True)
@@ -231,173 +227,6 @@ def get_preset(name: str) -> Preset:
 # ---------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------
-
-_BASE_PATTERN = re.compile(r"^(dense|smoe|fine_grained|mhmoe_h([0-9]+))$")
-_H1_SUFFIXES = {"head_merge": (True, True), "head": (True, False), "merge": (False, True)}
-_MH_SUFFIXES = {"no_head_merge": (False, False), "no_head": (False, True), "no_merge": (True, False)}
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """A parsed variant name: the base, a shared expert, and the head/merge layers.
-
-    ``head_layer``/``merge_layer`` None means the base's default (MH-MoE both, SMoE neither).
-    """
-
-    base: str
-    shared_expert: bool = False
-    head_layer: bool | None = None
-    merge_layer: bool | None = None
-
-    @property
-    def num_heads(self) -> int:
-        match = _BASE_PATTERN.match(self.base)
-        assert match is not None
-        return int(match.group(2)) if match.group(2) else 1
-
-    @property
-    def is_dense(self) -> bool:
-        return self.base == "dense"
-
-    @property
-    def has_head(self) -> bool:
-        return self.num_heads > 1 if self.head_layer is None else self.head_layer
-
-    @property
-    def has_merge(self) -> bool:
-        return self.num_heads > 1 if self.merge_layer is None else self.merge_layer
-
-    @property
-    def name(self) -> str:
-        return canonical_variant_name(self)
-
-
-def parse_variant(name: str) -> VariantSpec:
-    """Parse a variant name (module docstring); ValueError naming the value and the rule."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"variant {name!r}: must be a non-empty name such as 'smoe' or 'mhmoe_h2'")
-    base, *suffixes = name.split(".")
-    match = _BASE_PATTERN.match(base)
-    if match is None:
-        raise ValueError(
-            f"unknown variant {name!r}: the base must be one of dense, smoe, fine_grained, "
-            "mhmoe_h<N> (e.g. mhmoe_h2, mhmoe_h3)"
-        )
-    num_heads = int(match.group(2)) if match.group(2) else 1
-    if match.group(2) and num_heads < 2:
-        raise ValueError(f"variant {name!r}: MH-MoE needs N >= 2 heads in mhmoe_h<N> (h=1 is smoe)")
-    spec = VariantSpec(base)
-    allowed = _MH_SUFFIXES if num_heads > 1 else _H1_SUFFIXES
-    seen_layers = False
-    for suffix in suffixes:
-        if suffix == "shared":
-            if spec.shared_expert:
-                raise ValueError(f"variant {name!r}: suffix 'shared' given twice")
-            if base == "dense":
-                raise ValueError(f"variant {name!r}: a shared expert needs an MoE variant, not dense")
-            spec = dataclasses.replace(spec, shared_expert=True)
-        elif suffix in allowed and base != "dense":
-            if seen_layers:
-                raise ValueError(f"variant {name!r}: give at most one head/merge suffix")
-            seen_layers = True
-            head, merge = allowed[suffix]
-            spec = dataclasses.replace(spec, head_layer=head, merge_layer=merge)
-        else:
-            valid = ["shared"] + ([] if base == "dense" else list(allowed))
-            raise ValueError(
-                f"variant {name!r}: unknown suffix {suffix!r} for {base}; valid suffixes: "
-                + ", ".join(f".{s}" for s in valid)
-            )
-    return spec
-
-
-def canonical_variant_name(spec: VariantSpec) -> str:
-    """The name of a spec with its suffixes in canonical order (layers, then shared)."""
-    parts = [spec.base]
-    layers = (spec.has_head, spec.has_merge)
-    if spec.num_heads > 1:
-        for suffix, value in _MH_SUFFIXES.items():
-            if layers == value:
-                parts.append(suffix)
-    elif not spec.is_dense:
-        for suffix, value in _H1_SUFFIXES.items():
-            if layers == value:
-                parts.append(suffix)
-    if spec.shared_expert:
-        parts.append("shared")
-    return ".".join(parts)
-
-
-def apply_variant_flags(
-    name: str,
-    *,
-    shared_expert: bool = False,
-    head_merge: bool = False,
-    no_head_layer: bool = False,
-    no_merge_layer: bool = False,
-) -> VariantSpec:
-    """The spec of ``name`` with the CLI's ``--shared-expert``, ``--head-merge``,
-    ``--no-head-layer`` and ``--no-merge-layer`` applied (ValueError where they do not fit)."""
-    spec = parse_variant(name)
-    if shared_expert:
-        if spec.is_dense:
-            raise ValueError("--shared-expert: needs an MoE variant (not dense)")
-        spec = dataclasses.replace(spec, shared_expert=True)
-    if head_merge:
-        if spec.is_dense or spec.num_heads > 1:
-            raise ValueError(
-                f"--head-merge: adds head and merge layers to smoe or fine_grained, not {spec.base} "
-                "(MH-MoE has them already)"
-            )
-        spec = dataclasses.replace(spec, head_layer=True, merge_layer=True)
-    for flag, attr, present in (
-        ("--no-head-layer", "head_layer", no_head_layer),
-        ("--no-merge-layer", "merge_layer", no_merge_layer),
-    ):
-        if present:
-            if spec.is_dense:
-                raise ValueError(f"{flag}: needs an MoE variant (not dense)")
-            current = spec.has_head if attr == "head_layer" else spec.has_merge
-            if not current:
-                raise ValueError(f"{flag}: variant {spec.name!r} has no such layer to remove")
-            spec = dataclasses.replace(spec, **{attr: False})
-    if spec.head_layer is not None and spec.head_layer == (spec.num_heads > 1) and \
-            spec.merge_layer == (spec.num_heads > 1):
-        spec = dataclasses.replace(spec, head_layer=None, merge_layer=None)
-    return spec
-
-
-def variant_label(name: str) -> str:
-    """A human-readable label for tables: 'MH-MoE h=2 (head only, shared expert)'."""
-    spec = parse_variant(name)
-    base = {"dense": "Dense", "smoe": "SMoE", "fine_grained": "Fine-grained SMoE"}.get(
-        spec.base, f"MH-MoE h={spec.num_heads}"
-    )
-    notes = []
-    if not spec.is_dense:
-        layers = (spec.has_head, spec.has_merge)
-        if spec.num_heads > 1:
-            notes.append({(True, True): "", (False, False): "no head/merge",
-                          (True, False): "head only", (False, True): "merge only"}[layers])
-        else:
-            notes.append({(False, False): "", (True, True): "+ head & merge",
-                          (True, False): "+ head", (False, True): "+ merge"}[layers])
-    if spec.shared_expert:
-        notes.append("shared expert")
-    notes = [n for n in notes if n]
-    return f"{base} ({', '.join(notes)})" if notes else base
-
-
-def ablation_variants(shared_expert: bool = False) -> list[str]:
-    """The paper's head & merge ablation (Tables 4 and 5), in their order."""
-    names = [
-        "smoe", "smoe.head_merge",
-        "fine_grained", "fine_grained.head_merge",
-        "mhmoe_h2.no_head_merge", "mhmoe_h2.no_merge", "mhmoe_h2.no_head", "mhmoe_h2",
-    ]
-    if shared_expert:
-        names = [f"{n}.shared" for n in names]
-    return names
 
 
 def ffn_configs(preset: Preset, spec: VariantSpec | str) -> tuple[DenseConfig, MoEConfig | None, Variant]:

@@ -42,20 +42,15 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from mhmoe.atomic import atomic_write_bytes, atomic_write_text
+from mhmoe.runs.atomic import atomic_write_bytes, atomic_write_text
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.routing import TopKRouter
-from mhmoe.quant import (
-    BitExperts,
-    BitLinear,
-    BitRouter,
-    RMSNorm,
-    _BitExpertsMath,
-    _BitLinearMath,
-    _BitRouterMath,
-    dequantize_weight,
-    weight_quant_codes,
-)
+from mhmoe.bitnet.layers import BitExperts, BitLinear, BitRouter, _BitExpertsMath, _BitLinearMath, _BitRouterMath, dequantize_weight, weight_quant_codes
+from mhmoe.bitnet.layers import RMSNorm
+from mhmoe.data import load_tokenizer
+from mhmoe.config import ModelConfig
+from mhmoe.model import TransformerLM
+from mhmoe.config import BitNetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -452,7 +447,6 @@ def _build_model(manifest: dict[str, Any]) -> nn.Module:
             f"export holds a {manifest.get('model_type')!r} without a rebuildable model config: "
             "pass model=<a module of the same architecture> to load_ternary"
         )
-    from mhmoe.model import ModelConfig, TransformerLM
 
     with torch.device("meta"):
         return TransformerLM(ModelConfig.from_dict(manifest["model_config"]))
@@ -513,7 +507,6 @@ def load_ternary(
     for p in model.parameters():
         p.requires_grad_(False)
     if manifest.get("bitnet") is not None:
-        from mhmoe.quant import BitNetConfig
 
         model.bitnet_config = BitNetConfig.from_dict(manifest["bitnet"])
     return model.to(device).eval()
@@ -524,7 +517,7 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
     The tokenizer is OUT/tokenizer.json (copied from the run by the CLI) loaded with
     ``mhmoe.data.load_tokenizer``; None when the folder has none. The same triple as
-    ``mhmoe.checkpoint.load_run``, with the manifest in place of the run config (the run config
+    ``mhmoe.runs.checkpoint.load_run``, with the manifest in place of the run config (the run config
     is ``manifest["extra"]["run_config"]`` for CLI exports).
     """
     model = load_ternary(path, device=device)
@@ -532,7 +525,6 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     tokenizer = None
     tokenizer_path = Path(path) / "tokenizer.json"
     if tokenizer_path.is_file():
-        from mhmoe.data import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
     return model, tokenizer, manifest

@@ -1,0 +1,1 @@
+"""Training: the run configuration, schedules, the loop, whole runs, presets and the paper reproduction."""

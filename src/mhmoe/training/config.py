@@ -1,0 +1,167 @@
+"""The hyper-parameters of one training run (``TrainConfig``), validated.
+
+Defaults follow the authors' public training scripts (the paper itself gives only the
+load-balancing weight): AdamW with betas (0.9, 0.98), weight decay 0.01, gradient clipping at
+2.0, 375 warmup steps then polynomial (linear, power 1) decay to 0 (fairseq's
+``polynomial_decay``); cosine decay is an option. Small presets scale the warmup down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mhmoe.config import _check_fields
+from mhmoe.runtime import DEVICES_HELP, PRECISIONS
+
+
+# TrainConfig fields that may differ when a run is resumed (they do not change the results).
+RESUMABLE_CHANGES = frozenset({
+    "save_every", "keep_checkpoints", "log_every", "threads", "device", "eval_batch_size",
+    "max_skipped_steps",
+})
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer" + (" or None" if allow_none else ""))
+
+
+def _number(name: str, value: Any, *, low: float, high: float | None = None,
+            low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be a finite number")
+    ok = value >= low if low_inclusive else value > low
+    if high is not None:
+        ok = ok and (value <= high if high_inclusive else value < high)
+    if not ok:
+        lo = "[" if low_inclusive else "("
+        hi = "" if high is None else (f"{high}]" if high_inclusive else f"{high})")
+        raise ValueError(f"{name}={value!r}: must be in {lo}{low}, {hi or 'inf)'}")
+
+
+SCHEDULES = ("polynomial", "cosine", "constant", "two-stage")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (validated; JSON round-trip via to_dict/from_dict).
+
+    ``total_steps`` sets the schedule's length; evaluations happen at ``eval_fractions`` of it
+    (the paper's 50k and 100k of 100k steps: 0.5 and 1.0) and every ``eval_every`` steps.
+    Checkpoints are written every ``save_every`` steps, at every evaluation and at the end; the
+    ``keep_checkpoints`` newest periodic ones are kept, evaluation and final ones always.
+    ``max_skipped_steps`` consecutive non-finite steps stop the run (module docstring).
+    """
+
+    total_steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup_steps: int
+    micro_batch_size: int | None = None
+    schedule: str = "polynomial"
+    end_lr: float = 0.0
+    power: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_grad_norm: float | None = 2.0
+    seed: int = 0
+    eval_fractions: tuple[float, ...] = (0.5, 1.0)
+    eval_every: int | None = None
+    eval_tokens: int | None = 65_536
+    eval_batch_size: int = 8
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    max_skipped_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_fractions, list):
+            object.__setattr__(self, "eval_fractions", tuple(self.eval_fractions))
+        for name in ("total_steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every",
+                     "max_skipped_steps"):
+            _positive_int(name, getattr(self, name))
+        for name in ("micro_batch_size", "eval_every", "eval_tokens", "save_every", "threads"):
+            _positive_int(name, getattr(self, name), allow_none=True)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r}: must be a non-negative integer")
+        if self.warmup_steps >= self.total_steps and self.total_steps > 1:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps}: must be less than the {self.total_steps} training steps"
+            )
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size != 0:
+            raise ValueError(
+                f"batch_size={self.batch_size}: must be a multiple of micro_batch_size={self.micro_batch_size}"
+            )
+        _number("lr", self.lr, low=0, low_inclusive=False)
+        _number("end_lr", self.end_lr, low=0)
+        if self.end_lr > self.lr:
+            raise ValueError(f"end_lr={self.end_lr}: must not exceed lr={self.lr}")
+        _number("power", self.power, low=0, low_inclusive=False)
+        _number("beta1", self.beta1, low=0, high=1, high_inclusive=False)
+        _number("beta2", self.beta2, low=0, high=1, high_inclusive=False)
+        _number("adam_eps", self.adam_eps, low=0, low_inclusive=False)
+        _number("weight_decay", self.weight_decay, low=0)
+        if self.clip_grad_norm is not None:
+            _number("clip_grad_norm", self.clip_grad_norm, low=0, low_inclusive=False)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r}: must be a non-negative integer")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: must be one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.eval_fractions, tuple):
+            raise ValueError(f"eval_fractions={self.eval_fractions!r}: must be a list of numbers in (0, 1]")
+        for fraction in self.eval_fractions:
+            _number("eval_fractions", fraction, low=0, high=1, low_inclusive=False)
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device={self.device!r}: must be {DEVICES_HELP}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size if self.micro_batch_size is None else self.micro_batch_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_steps * self.tokens_per_step
+
+    def eval_steps(self) -> list[int]:
+        """Steps after which the model is evaluated (fractions of the run, every eval_every)."""
+        steps = {max(1, round(f * self.total_steps)) for f in self.eval_fractions}
+        if self.eval_every:
+            steps |= set(range(self.eval_every, self.total_steps + 1, self.eval_every))
+        return sorted(steps)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["eval_fractions"] = list(self.eval_fractions)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+
+        if not isinstance(data, dict):
+            raise ValueError(f"training config {data!r}: must be a JSON object")
+        _check_fields("training config", cls, data)
+        return cls(**data)

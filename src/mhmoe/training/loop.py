@@ -1,0 +1,380 @@
+"""The training loop on a built model, sampler and evaluation sets.
+
+One optimiser step consumes ``batch_size`` sequences of ``seq_len`` tokens, processed
+``micro_batch_size`` at a time with gradient accumulation. The loss that is minimised is
+
+    L = L_lm + aux_loss,   aux_loss = w_lb * mean_l L_lb(l) + w_z * mean_l L_z(l)
+
+(``mhmoe.model``); ``loss`` in metrics.jsonl is L_lm alone (nats per token), averaged over the
+step's micro-batches.
+
+Resumption continues the same run exactly: model, optimiser, data-sampler position, the
+RNG states of torch (CPU and CUDA), ``random`` and numpy, and the step (the schedule is a pure
+function of the step). On CPU, an interrupted and resumed run produces bit-identical losses to
+an uninterrupted one (tested). Lines of metrics.jsonl written after the checkpoint that a
+resumed run starts from are dropped, so the file reads as one uninterrupted run. ``--resume``
+removes leftovers of a killed save and continues from the newest *intact* checkpoint (a
+corrupted one is skipped with a warning; ``mhmoe.runs.checkpoint.find_resume_checkpoint``).
+
+Numerical guard: a step whose loss, aux loss or gradient norm is not finite is skipped (no
+parameter or optimiser-state update; the step, data position and schedule still advance) and
+counted (``skipped_steps`` in metrics.jsonl, saved in checkpoints); ``max_skipped_steps``
+consecutive skips stop the run with ``mhmoe.runs.validation.NonFiniteError`` naming the step,
+the values, the first module whose output and the first parameter whose gradient went
+non-finite. See docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mhmoe import distributed
+from mhmoe.analytics.accumulator import RoutingStatsAccumulator
+from mhmoe.evaluate import EvalResult, evaluate_sets, metrics_line
+from mhmoe.model import TransformerLM, lm_loss
+from mhmoe.runs import checkpoint as ckpt
+from mhmoe.runs.metrics import MetricsLog, NullMetrics, tensorboard_available
+from mhmoe.runs.validation import NonFiniteError, describe_diagnosis, diagnose_non_finite, format_value
+from mhmoe.runtime import autocast_context, available_cores, default_threads, resolve_device, resolve_precision
+from mhmoe.training.config import TrainConfig, _positive_int
+from mhmoe.training.schedules import learning_rate, weight_decay_at
+from mhmoe.distributed import save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (fused kernel where available); weight decay on matrices and stacked expert
+    weights (ndim >= 2), none on norm gains and biases (ndim 1). Build it after moving the
+    model to its device."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    options = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
+    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop for the
+    # many small tensors of an MoE model; fall back where this torch or device lacks it.
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **options)
+
+
+@dataclass
+class LoopResult:
+    step: int
+    tokens: int
+    last_loss: float | None
+    evals: dict[int, dict[str, EvalResult]] = field(default_factory=dict)
+    finished: bool = False
+    seconds: float = 0.0
+
+
+def train_loop(
+    model: TransformerLM,
+    sampler: Any,
+    eval_sets: dict[str, Any],
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    quiet: bool = False,
+    tensorboard: bool = False,
+    byte_lengths: np.ndarray | None = None,
+    progress_label: str = "train",
+    on_eval: Callable[[int, dict[str, EvalResult]], None] | None = None,
+    context: Any = None,
+) -> LoopResult:
+    """Train ``model`` for ``config.total_steps`` steps, evaluating and checkpointing into ``run_dir``.
+
+    ``sampler``: ``next_batch() -> (inputs_BT, targets_BT)`` of ``config.batch_size`` rows,
+    with ``state_dict()``/``load_state_dict()`` (``mhmoe.data.TrainBatchSampler``).
+    ``eval_sets``: name -> ``TokenSet``. ``resume`` continues from the latest checkpoint in
+    ``run_dir`` when there is one. ``stop_at_step`` ends early after checkpointing that step
+    (a later ``resume`` continues), e.g. to fit a job's time limit.
+    """
+
+    # ``context`` (mhmoe.distributed.init_distributed): under torchrun, ``sampler`` yields this
+    # rank's rows of each global batch, the model is wrapped per context.parallel (DDP, FSDP2,
+    # expert parallelism), and rank 0 alone writes metrics and checkpoints. None: one process.
+    run_dir = Path(run_dir)
+    if context is None or not context.is_distributed:
+        context = distributed.DistContext.single_process(resolve_device(config.device))
+    device = context.device
+    autocast_dtype = resolve_precision(config.precision, device)
+    if stop_at_step is not None:
+        _positive_int("stop_at_step", stop_at_step)
+    # The node's cores are shared by its processes.
+    threads = config.threads or max(1, default_threads() // context.local_world_size)
+    torch.set_num_threads(threads)
+    logger.info("device %s, %s, %d torch threads (%d cores)", device,
+                "fp32" if autocast_dtype is None else f"{autocast_dtype} autocast", threads, available_cores())
+    parallel = distributed.parallelize(model, context)  # a single process: only model.to(device)
+    model = parallel.model
+    model.train()
+    optimizer = build_optimizer(model, config)
+    eval_steps = set(config.eval_steps())
+    metrics_path = run_dir / ckpt.METRICS_FILE
+
+    start_step = 0
+    tokens_seen = 0
+    last_loss: float | None = None
+    skipped_total = consecutive_skips = 0  # non-finite steps (mhmoe.runs.validation)
+    if context.is_main:
+        ckpt.clean_incomplete_saves(run_dir)  # temp files and folders of a killed save
+    context.barrier()
+    # The newest intact checkpoint: a corrupted one is skipped with a warning (checkpoint.py).
+    found = ckpt.find_resume_checkpoint(run_dir) if resume else None
+    if found is not None:
+        folder, state = found
+        skipped_total = int(state.get("skipped_steps", 0))
+        consecutive_skips = int(state.get("consecutive_skipped_steps", 0))
+        if context.is_distributed:  # full files, each rank keeps its shards
+            distributed.load_checkpoint(parallel, optimizer, folder, state)
+        else:
+            ckpt.load_model_weights(folder, model, state)
+            ckpt.load_optimizer_state(folder, optimizer, state)
+        sampler.load_state_dict(state["sampler"])
+        ckpt.load_rng_state(folder, state)
+        start_step = int(state["step"])
+        tokens_seen = int(state["tokens"])
+        last_loss = state.get("loss")
+        if context.is_main:
+            MetricsLog.truncate_after(metrics_path, start_step)
+        logger.info("resuming %s from step %d (%s)", run_dir, start_step, folder)
+        if state.get("finished") or start_step >= config.total_steps:
+            logger.info("%s: training already finished at step %d", run_dir, start_step)
+            return LoopResult(start_step, tokens_seen, last_loss, finished=True)
+    elif context.is_main:
+        metrics_path.unlink(missing_ok=True)
+
+    if tensorboard and not tensorboard_available():
+        raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    log = (MetricsLog(metrics_path, run_dir / "tensorboard" if tensorboard else None)
+           if context.is_main else NullMetrics())
+    progress = _progress_bar(config.total_steps, start_step, quiet or not context.is_main, progress_label)
+    # Routing statistics (mhmoe.analytics) from the counts each MoE layer returns; per rank.
+    routing = RoutingStatsAccumulator().attach(model)
+    result = LoopResult(start_step, tokens_seen, last_loss)
+    accumulation = config.accumulation_steps // context.world_size  # of this rank's rows
+    micro = config.micro_batch
+    started = time.perf_counter()
+    window_start, window_tokens = started, 0
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            lr = learning_rate(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, config)  # the decay group
+            inputs_BT, targets_BT = sampler.next_batch()
+            lm_sum = torch.zeros((), device=device)
+            aux_sum = torch.zeros((), device=device)
+            for chunk in range(accumulation):
+                rows = slice(chunk * micro, (chunk + 1) * micro)
+                inputs = inputs_BT[rows].to(device, non_blocking=True)
+                targets = targets_BT[rows].to(device, non_blocking=True)
+                # DDP reduces gradients once, after the last micro-batch.
+                last = chunk == accumulation - 1
+                with contextlib.nullcontext() if last else parallel.no_sync():
+                    with autocast_context(device, autocast_dtype):
+                        output = parallel(inputs)
+                        lm = lm_loss(output.logits, targets)
+                        loss = (lm + output.aux_loss) / accumulation
+                    loss.backward()
+                routing.update(output.moe_aux)  # counts the layers already computed
+                lm_sum += lm.detach()
+                aux_sum += output.aux_loss.detach()
+            # The norm of the whole gradient, summed over FSDP2 and expert shards.
+            max_norm = config.clip_grad_norm if config.clip_grad_norm is not None else math.inf
+            grad_norm = float(parallel.clip_grad_norm_(max_norm))
+            step_loss = context.all_reduce_mean(lm_sum) / accumulation  # mean over ranks
+            step_aux = context.all_reduce_mean(aux_sum) / accumulation
+            # Numerical guard (mhmoe.runs.validation): a non-finite loss or gradient skips the update
+            # (parameters and optimiser state untouched); step, data and schedule advance.
+            skipped = not (math.isfinite(step_loss) and math.isfinite(step_aux) and math.isfinite(grad_norm))
+            if skipped:
+                skipped_total += 1
+                consecutive_skips += 1
+                logger.warning("step %d: non-finite loss %s / aux loss %s / gradient norm %s: update skipped "
+                               "(%d in a row, %d in all)", step, format_value(step_loss), format_value(step_aux),
+                               format_value(grad_norm), consecutive_skips, skipped_total)
+                if consecutive_skips >= config.max_skipped_steps:
+                    optimizer.zero_grad(set_to_none=True)
+                    _raise_non_finite(step, step_loss, step_aux, grad_norm, consecutive_skips, config, run_dir,
+                                      None if context.is_distributed else model,
+                                      lambda: _micro_batch_loss(parallel, inputs, targets, device, autocast_dtype))
+            else:
+                consecutive_skips = 0
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += config.tokens_per_step
+            window_tokens += config.tokens_per_step
+            result.step, result.tokens = step, tokens_seen
+            if not skipped:
+                result.last_loss = step_loss
+            now = time.perf_counter()
+            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+            if step % config.log_every == 0 or step == config.total_steps:
+                log.write({
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "loss": step_loss,
+                    "aux_loss": step_aux,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "skipped_steps": skipped_total,
+                    **({"skipped": True} if skipped else {}),
+                    "tokens_per_s": round(tokens_per_s, 1),
+                    "elapsed_s": round(now - started, 3),
+                    **routing.summary(),
+                })
+                routing.reset()
+                window_start, window_tokens = now, 0
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+            if step in eval_steps and eval_sets:
+                results = evaluate_sets(
+                    model, eval_sets, seq_len=config.seq_len, batch_size=config.eval_batch_size,
+                    max_tokens=config.eval_tokens, byte_lengths=byte_lengths, device=device,
+                    autocast_dtype=autocast_dtype,
+                )
+                log.write({"step": step, "tokens": tokens_seen,
+                           "fraction": round(step / config.total_steps, 6), **metrics_line(results)})
+                result.evals[step] = results
+                if on_eval is not None:
+                    on_eval(step, results)
+                summary = ", ".join(f"{n} ppl {r.ppl:.2f}" for n, r in results.items())
+                (progress.write if not progress.disable else logger.info)(
+                    f"step {step}/{config.total_steps}: {summary}")
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+
+            finished = step == config.total_steps
+            stopping = stop_at_step is not None and step >= stop_at_step
+            periodic = config.save_every is not None and step % config.save_every == 0
+            if finished or stopping or periodic or step in eval_steps:
+                _save(run_dir, step, parallel, optimizer, sampler, tokens_seen, step_loss, config,
+                      finished=finished, milestone=finished or step in eval_steps,
+                      extra={"skipped_steps": skipped_total, "consecutive_skipped_steps": consecutive_skips})
+            if stopping and not finished:
+                logger.info("stopped after step %d as asked; continue with --resume", step)
+                break
+        else:
+            result.finished = True
+        if config.total_steps == start_step:
+            result.finished = True
+    finally:
+        routing.detach()
+        progress.close()
+        log.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _is_milestone(folder: Path) -> bool:
+    """Whether a checkpoint is kept for good (evaluation point, end); an unreadable state.json
+    (a damaged checkpoint, skipped on resume) counts as periodic, so retention may remove it."""
+    try:
+        return bool(ckpt.read_checkpoint_state(folder).get("milestone"))
+    except ckpt.CheckpointError:
+        return False
+
+
+def _micro_batch_loss(parallel, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+                      autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """The training loss of one micro-batch (re-run to diagnose a non-finite step)."""
+    with autocast_context(device, autocast_dtype):
+        output = parallel(inputs)
+        return lm_loss(output.logits, targets) + output.aux_loss
+
+
+def _raise_non_finite(step: int, loss: float, aux: float, grad_norm: float, count: int, config: TrainConfig,
+                      run_dir: Path, model: torch.nn.Module | None, rerun: Callable[[], torch.Tensor]) -> None:
+    """Stop the run after ``count`` consecutive non-finite steps: NonFiniteError naming the
+    step, the values and (one process) the first module / gradient that went non-finite."""
+    where = "not diagnosed under torch.distributed"
+    if model is not None:
+        try:
+            where = describe_diagnosis(diagnose_non_finite(model, rerun))
+        except Exception as err:  # the diagnosis must not hide the actual failure
+            where = f"diagnosis failed ({type(err).__name__}: {err})"
+    try:
+        latest = ckpt.latest_checkpoint(run_dir)
+    except ckpt.CheckpointError:
+        latest = None
+    raise NonFiniteError(
+        f"step {step}: loss {format_value(loss)}, aux loss {format_value(aux)}, gradient norm "
+        f"{format_value(grad_norm)}; {count} consecutive steps were non-finite "
+        f"(--max-skipped-steps {config.max_skipped_steps}); {where}. The last checkpoint "
+        f"({latest.name if latest else 'none'}) is intact; check the data and the learning rate"
+    )
+
+
+def _save(run_dir: Path, step: int, parallel, optimizer, sampler, tokens: int, loss: float,
+          config: TrainConfig, *, finished: bool, milestone: bool, extra: dict[str, Any] | None = None) -> None:
+    state = {
+        **(extra or {}),
+        "tokens": tokens,
+        "total_steps": config.total_steps,
+        "loss": loss,
+        "sampler": sampler.state_dict(),
+        "finished": finished,
+        "milestone": milestone,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if parallel.context.is_distributed:
+        # Gathers the full state on every rank (a collective); rank 0 writes.
+
+        save_checkpoint(parallel, optimizer, run_dir, step, state)
+        if not parallel.context.is_main:
+            return
+    else:
+        ckpt.save_checkpoint(run_dir, step, parallel.model, optimizer, state)
+    # Retention: milestones (evaluation points, the end) stay; the newest periodic ones rotate.
+    periodic = [
+        (s, folder) for s, folder in ckpt.list_checkpoints(run_dir)
+        if not _is_milestone(folder) and s != step
+    ]
+    allowed = config.keep_checkpoints - (0 if milestone else 1)
+    for _, folder in periodic[: max(0, len(periodic) - allowed)]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _NullProgress:
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, quiet: bool, label: str):
+    """tqdm on stderr with loss, tokens/s and ETA; off when quiet or stderr is not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        return _NullProgress()
+
+    return tqdm(total=total, initial=initial, desc=label, unit="step", file=sys.stderr)

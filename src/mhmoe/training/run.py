@@ -1,0 +1,378 @@
+"""Training: configuration, learning-rate schedules, the loop, checkpoints and resumption.
+
+Defaults follow the authors' public training scripts (the paper itself gives only the
+load-balancing weight): AdamW with betas (0.9, 0.98), weight decay 0.01, gradient clipping at
+2.0, 375 warmup steps then polynomial (linear, power 1) decay to 0 (fairseq's
+``polynomial_decay``); cosine decay is an option. Small presets scale the warmup down.
+
+One optimiser step consumes ``batch_size`` sequences of ``seq_len`` tokens, processed
+``micro_batch_size`` at a time with gradient accumulation. The loss that is minimised is
+
+    L = L_lm + aux_loss,   aux_loss = w_lb * mean_l L_lb(l) + w_z * mean_l L_z(l)
+
+(``mhmoe.model``); ``loss`` in metrics.jsonl is L_lm alone (nats per token), averaged over the
+step's micro-batches.
+
+Precision: bf16 autocast on CUDA, fp32 on CPU (``precision="auto"``). Threads: torch uses one
+thread per usable core, fewer when the machine is already busy (``default_threads``;
+``threads`` overrides).
+
+Resumption continues the same run exactly: model, optimiser, data-sampler position, the
+RNG states of torch (CPU and CUDA), ``random`` and numpy, and the step (the schedule is a pure
+function of the step). On CPU, an interrupted and resumed run produces bit-identical losses to
+an uninterrupted one (tested). Lines of metrics.jsonl written after the checkpoint that a
+resumed run starts from are dropped, so the file reads as one uninterrupted run. ``--resume``
+removes leftovers of a killed save and continues from the newest *intact* checkpoint (a
+corrupted one is skipped with a warning; ``mhmoe.runs.checkpoint.find_resume_checkpoint``).
+
+Numerical guard: a step whose loss, aux loss or gradient norm is not finite is skipped (no
+parameter or optimiser-state update; the step, data position and schedule still advance) and
+counted (``skipped_steps`` in metrics.jsonl, saved in checkpoints); ``max_skipped_steps``
+consecutive skips stop the run with ``mhmoe.runs.validation.NonFiniteError`` naming the step, the
+values, the first module whose output and the first parameter whose gradient went non-finite.
+See docs/reliability.md.
+
+Two layers:
+
+* ``train_loop(...)``: the loop on a built model, sampler and evaluation sets;
+* ``run_training(RunOptions)``: everything ``mhmoe train`` does: the run directory, data
+  (``mhmoe.data.prepare_data``), model from a preset and variant, config.json, the loop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mhmoe.runs import checkpoint as ckpt
+from mhmoe.evaluate import token_byte_lengths
+from mhmoe.model import TransformerLM
+from mhmoe.runs.validation import check_free_space, checkpoint_bytes_estimate
+from mhmoe.config import BitNetConfig
+from mhmoe.bitnet.convert import apply_bitnet
+from mhmoe import distributed
+from mhmoe.data import TrainBatchSampler
+from mhmoe.training.presets import get_preset, model_config, variant_summary
+from mhmoe.planning.variants import parse_variant, variant_label
+from mhmoe.version import __version__
+from mhmoe.training.loop import LoopResult, train_loop
+from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig, _number, _positive_int
+from mhmoe.runs.validation import check_output_dir
+from mhmoe.runs.metrics import tensorboard_available
+from mhmoe.data.prepare import prepare_run_data
+from mhmoe.runtime import resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PRECISIONS",
+    "SCHEDULES",
+    "MetricsLog",
+    "RunOptions",
+    "RunResult",
+    "TrainConfig",
+    "build_optimizer",
+    "learning_rate",
+    "read_metrics",
+    "resolve_device",
+    "resolve_precision",
+    "run_training",
+    "train_loop",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule, optimiser, device
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run: run directory, data, model, config.json, loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOptions:
+    """Everything ``mhmoe train`` accepts. None means "the preset's default".
+
+    ``variant`` is a variant name (``mhmoe.presets``), flags already applied. ``data_dir``
+    holds the tokenizer and token caches (default RUN_DIR/data; ``mhmoe reproduce`` shares one
+    across its runs). ``tokenizer`` loads a tokenizer.json instead of training one.
+    """
+
+    out: Path
+    preset: str = "tiny"
+    variant: str = "smoe"
+    data: list[str] = field(default_factory=lambda: ["stdlib"])
+    eval: dict[str, str] = field(default_factory=dict)
+    tokenizer: Path | None = None
+    data_dir: Path | None = None
+    vocab_size: int | None = None
+    heldout_fraction: float = 0.05
+    max_train_bytes: int | None = None
+    max_eval_bytes: int | None = None
+    tokens: int | None = None
+    max_steps: int | None = None
+    seed: int = 0
+    batch_size: int | None = None
+    micro_batch_size: int | None = None
+    seq_len: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    schedule: str = "polynomial"
+    weight_decay: float = 0.01
+    clip_grad_norm: float | None = 2.0
+    bitnet: bool = False
+    load_balancing_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    eval_tokens: int | None = None
+    eval_every: int | None = None
+    eval_fractions: tuple[float, ...] = (0.5, 1.0)
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_at_step: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    max_skipped_steps: int = 5
+    quiet: bool = False
+    tensorboard: bool = False
+    command: list[str] | None = None
+    dp: str | None = None  # under torchrun: "ddp" (default) or "fsdp" (mhmoe.distributed)
+    ep: int = 1  # expert-parallel size under torchrun
+
+
+@dataclass
+class RunResult:
+    """A finished (or stopped) run: its folder, config.json content, loop result and the
+    trained model (in memory, on the training device)."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    loop: LoopResult
+    model: TransformerLM | None = None
+
+
+def train_config_for(options: RunOptions, preset: Any) -> TrainConfig:
+    """The TrainConfig of a run: the preset's defaults, overridden by ``options``."""
+    batch_size = options.batch_size or preset.batch_size
+    seq_len = options.seq_len or preset.seq_len
+    micro = options.micro_batch_size or min(preset.micro_batch_size, batch_size)
+    if batch_size % micro != 0:
+        micro = math.gcd(batch_size, micro)
+    tokens_per_step = batch_size * seq_len
+    if options.tokens is not None and options.max_steps is not None:
+        raise ValueError("--tokens and --max-steps: give one of them (both set the run's length)")
+    if options.max_steps is not None:
+        _positive_int("--max-steps", options.max_steps)
+        total_steps = options.max_steps
+    else:
+        tokens = preset.tokens if options.tokens is None else options.tokens
+        _positive_int("--tokens", tokens)
+        total_steps = tokens // tokens_per_step
+        if total_steps < 1:
+            raise ValueError(
+                f"--tokens {tokens}: less than one optimiser step of {tokens_per_step} tokens "
+                f"(batch {batch_size} x sequence {seq_len})"
+            )
+    if options.warmup_steps is not None:
+        warmup = options.warmup_steps
+    else:
+        # The preset's warmup, scaled down when the run is shorter than the preset's budget
+        # (never more than 10% of the steps): the paper keeps 375 of 100k.
+        warmup = min(preset.warmup_steps, max(0, int(0.1 * total_steps)))
+    return TrainConfig(
+        total_steps=total_steps,
+        batch_size=batch_size,
+        micro_batch_size=micro,
+        seq_len=seq_len,
+        lr=options.lr if options.lr is not None else preset.lr,
+        warmup_steps=warmup,
+        schedule=options.schedule,
+        weight_decay=options.weight_decay,
+        clip_grad_norm=options.clip_grad_norm,
+        seed=options.seed,
+        eval_every=options.eval_every,
+        eval_fractions=tuple(options.eval_fractions),
+        eval_tokens=options.eval_tokens if options.eval_tokens is not None else preset.eval_tokens,
+        eval_batch_size=preset.eval_batch_size,
+        save_every=options.save_every,
+        keep_checkpoints=options.keep_checkpoints,
+        device=options.device,
+        precision=options.precision,
+        threads=options.threads,
+        max_skipped_steps=options.max_skipped_steps,
+    )
+
+
+def _versions() -> dict[str, str]:
+
+    return {"mhmoe": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def _compare_for_resume(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
+    """Raise if a resumed run's settings differ from those it was started with."""
+    differences = []
+    for section in ("preset", "variant", "model", "bitnet", "data"):
+        if old.get(section) != new.get(section):
+            differences.append(section)
+    old_train, new_train = old.get("train", {}), new.get("train", {})
+    for key in sorted(set(old_train) | set(new_train)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if old_train.get(key) != new_train.get(key):
+            differences.append(f"{key} ({old_train.get(key)!r} -> {new_train.get(key)!r})")
+    if differences:
+        raise ValueError(
+            f"--resume: {run_dir / ckpt.CONFIG_FILE} was written with other settings "
+            f"({', '.join(differences)}); rerun with the original options or use another --out"
+        )
+
+
+def _per_rank_batch(config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(sequences per step, micro-batch) on each of ``world_size`` processes: ``batch_size`` is
+    the global batch. A micro-batch that does not fit the per-rank rows shrinks to a divisor of
+    them (the micro-batch is a memory knob; the aux losses then average over the smaller
+    micro-batches, as a single process with that micro-batch would). ValueError unless the
+    batch divides over the processes."""
+    if config.batch_size % world_size != 0:
+        raise ValueError(
+            f"--batch-size {config.batch_size}: the global batch does not divide over "
+            f"{world_size} processes"
+        )
+    per_rank = config.batch_size // world_size
+    micro = math.gcd(per_rank, config.micro_batch)
+    if micro != config.micro_batch:
+        logger.info("micro-batch %d -> %d: each of the %d processes gets %d sequences per step",
+                    config.micro_batch, micro, world_size, per_rank)
+    return per_rank, micro
+
+
+def data_settings(options: RunOptions, preset: Any) -> dict[str, Any]:
+    """The data section of config.json (how to rebuild the token caches)."""
+    return {
+        "sources": list(options.data),
+        "eval": dict(options.eval),
+        "heldout_fraction": options.heldout_fraction,
+        "max_train_bytes": options.max_train_bytes if options.max_train_bytes is not None else preset.train_text_bytes,
+        "max_eval_bytes": options.max_eval_bytes if options.max_eval_bytes is not None else preset.eval_text_bytes,
+        "vocab_size": options.vocab_size or preset.vocab_size,
+        "tokenizer_sample_bytes": preset.tokenizer_text_bytes,
+        "tokenizer": None if options.tokenizer is None else str(Path(options.tokenizer).resolve()),
+    }
+
+
+def run_training(options: RunOptions) -> RunResult:
+    """Do what ``mhmoe train`` does (module docstring); returns the run dir, config and loop result."""
+
+    preset = get_preset(options.preset)
+    spec = parse_variant(options.variant)
+    run_dir = check_output_dir(options.out)
+    if options.stop_at_step is not None:
+        _positive_int("--stop-at-step", options.stop_at_step)
+    _number("--load-balancing-weight", options.load_balancing_weight, low=0)
+    _number("--z-loss-weight", options.z_loss_weight, low=0)
+    train_config = train_config_for(options, preset)
+    resolve_device(options.device)  # a bad --device fails before the data is prepared
+
+    # Under torchrun (WORLD_SIZE > 1): join the job; otherwise a single-process context.
+    context = distributed.init_distributed(
+        distributed.ParallelConfig(options.dp or "ddp", options.ep), device=options.device
+    )
+    per_rank_batch, per_rank_micro = _per_rank_batch(train_config, context.world_size)
+    has_checkpoint = ckpt.has_checkpoints(run_dir)  # intact or not (--resume falls back)
+    previous = ckpt.read_run_config(run_dir) if (run_dir / ckpt.CONFIG_FILE).is_file() else None
+    if has_checkpoint and not options.resume:
+        raise ValueError(
+            f"--out {run_dir}: already holds a trained run; pass --resume to continue it "
+            "or choose another folder"
+        )
+    if options.tensorboard and not tensorboard_available():
+        raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+
+    settings = data_settings(options, preset)
+    resuming = options.resume and previous is not None
+    data_dir = Path(options.data_dir) if options.data_dir is not None else run_dir / "data"
+    run_tokenizer = run_dir / ckpt.TOKENIZER_FILE
+    tokenizer_path = run_tokenizer if resuming and run_tokenizer.is_file() else None
+    with distributed.main_rank_first(context):  # rank 0 builds the caches, the others reuse them
+        data = prepare_run_data(settings, data_dir, tokenizer_path)
+    tokenizer = data.tokenizer
+    epochs = train_config.total_tokens / max(1, data.train.n_tokens)
+    if epochs > 1:
+        logger.warning("the budget of %s tokens is %.1f passes over the %s training tokens; "
+                       "pass more text with --data for a single pass",
+                       f"{train_config.total_tokens:,}", epochs, f"{data.train.n_tokens:,}")
+    if tokenizer_path is None and context.is_main:
+        tokenizer.save(run_tokenizer)  # the run folder is self-contained
+
+    model_cfg = model_config(
+        preset, spec, vocab_size=tokenizer.vocab_size, max_seq_len=train_config.seq_len,
+        load_balancing_weight=options.load_balancing_weight, z_loss_weight=options.z_loss_weight,
+    )
+    run_config = {
+        "format": ckpt.RUN_FORMAT,
+        "preset": preset.name,
+        "variant": spec.name,
+        "label": variant_label(spec.name),
+        "model": model_cfg.to_dict(),
+        "bitnet": BitNetConfig().to_dict() if options.bitnet else None,
+        "train": train_config.to_dict(),
+        "data": settings,
+        "data_dir": str(data_dir.resolve()),
+        "tokenizer_sha256": tokenizer.sha256,
+        "counts": variant_summary(model_cfg, train_config.seq_len),
+        "versions": _versions(),
+        "command": options.command,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if previous is not None and (has_checkpoint or options.resume):
+        comparable = {**run_config, "data": {**settings, "tokenizer": previous["data"].get("tokenizer")}}
+        if resuming:
+            _compare_for_resume(previous, comparable, run_dir)
+        run_config["created"] = previous.get("created", run_config["created"])
+    if context.is_main:
+        # Fail now, not after hours of training, when the disk cannot hold one checkpoint.
+        check_free_space(run_dir, checkpoint_bytes_estimate(run_config["counts"]["params"]))
+        ckpt.atomic_write_json(run_dir / ckpt.CONFIG_FILE, run_config)
+
+    if not data.evals:
+        logger.warning("no evaluation set (heldout fraction 0 and no --eval): perplexity will not be measured")
+    seed_everything(train_config.seed)
+    model = apply_bitnet(TransformerLM(model_cfg), run_config["bitnet"])  # no-op when None
+    # Every rank draws the same global batch and keeps its own rows of it.
+    sampler = TrainBatchSampler(data.train.tokens, per_rank_batch, train_config.seq_len,
+                                seed=train_config.seed, rank=context.rank, world_size=context.world_size)
+    logger.info(
+        "%s / %s: %s parameters (%s active), %d steps of %d tokens",
+        preset.name, spec.name, f"{run_config['counts']['params']:,}",
+        f"{run_config['counts']['active_params']:,}", train_config.total_steps, train_config.tokens_per_step,
+    )
+    try:
+        loop = train_loop(
+            model, sampler, data.evals, train_config.replace(micro_batch_size=per_rank_micro), run_dir,
+            resume=options.resume, stop_at_step=options.stop_at_step, quiet=options.quiet,
+            tensorboard=options.tensorboard, byte_lengths=token_byte_lengths(tokenizer),
+            progress_label=spec.name, context=context,
+        )
+    finally:
+        distributed.shutdown_distributed(context)
+    return RunResult(run_dir, run_config, loop, model)
