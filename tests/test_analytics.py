@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mhmoe import MHMoE, MoE
-from mhmoe.analytics.accumulator import LayerRoutingSummary, RoutingStatsAccumulator, analyze_model, layers_of
+from mhmoe.analytics.accumulator import LayerRoutingSummary, RoutingStatsAccumulator, analyze_model
+from mhmoe.analytics.summary import layers_of
 from mhmoe.analytics.stats import activation_ratio, distinct_experts_per_token, head_expert_counts, head_js_divergence, head_top1_agreement, load_cv, load_entropy, load_imbalance, router_entropy
 from mhmoe.analytics.plots import plot_activation_ratio, write_plots
 from mhmoe.analytics.report import routing_table_markdown

@@ -119,7 +119,7 @@ def test_fuzz_moe_and_dense_configs(data):
     for cls, valid in (
         (MoEConfig, dict(d_model=48, num_experts=8, top_k=2, d_expert=16, num_heads=2, head_layer=None,
                          merge_layer=None, shared_d_ff=None, activation="swiglu", bias=False,
-                         capacity_factor=None, normalize_top_k=None, z_loss=False)),
+                         capacity_factor=None, normalize_top_k=None)),
         (DenseConfig, dict(d_model=48, d_ff=96, activation="swiglu", bias=False)),
     ):
         fields = _fuzz_fields(data.draw, valid)

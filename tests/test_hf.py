@@ -21,7 +21,7 @@ import torch
 from mhmoe.runs.checkpoint import load_run
 from mhmoe.cli import main
 from mhmoe.hf.export import REQUIRED_FILES, ExportError, check_export_dir, export_model, load_hf_export
-from mhmoe.config import ModelConfig
+from mhmoe.config import BitNetConfig, ModelConfig
 from mhmoe.model import TransformerLM, lm_loss
 
 WORDS = "the sea is calm and blue ships sail over waves under a bright sky while birds fly home".split()
@@ -292,7 +292,7 @@ def test_bitnet_export_round_trip(hf, run_model, tmp_path):
         reference = lm(ids).logits
         export_model(lm, tokenizer, tmp_path / "bitnet")
         config = json.loads((tmp_path / "bitnet" / "config.json").read_text())
-        assert config["bitnet"] == lm.bitnet_config.to_dict()
+        assert config["bitnet"] == lm.config.bitnet.to_dict() == BitNetConfig().to_dict()
         loaded = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "bitnet")
         assert quant.bitnet_modules(loaded.model) and type(loaded.lm_head) is torch.nn.Linear
         assert torch.equal(loaded(ids).logits, reference)

@@ -157,7 +157,26 @@ def test_one_expert_top1_equals_dense_ffn():
     assert aux.tokens_per_expert.tolist() == [5]
 
 
-def test_h1_without_head_and_merge_equals_moe():
+def _per_unit_moe(layer: MHMoE, x_NS: torch.Tensor) -> torch.Tensor:
+    """y_n = sum_k w_nk * Expert_{id_nk}(x_n), one routed unit at a time, written from the
+    formulas with the layer's weights: float32 router logits, softmax, top-k (renormalised for
+    k > 1), SwiGLU experts. Independent of the layer's dispatch code."""
+    router, experts = layer.router, layer.experts
+    outputs = []
+    for x_S in x_NS:
+        probs_E = torch.softmax(router.weight.float() @ x_S.float(), dim=-1)
+        weights_K, ids_K = torch.topk(probs_E, router.top_k)
+        if router.top_k > 1:
+            weights_K = weights_K / weights_K.sum()
+        y_S = torch.zeros_like(x_S)
+        for weight, expert in zip(weights_K.tolist(), ids_K.tolist()):
+            hidden_F = torch.nn.functional.silu(experts.w1[expert] @ x_S) * (experts.w3[expert] @ x_S)
+            y_S = y_S + weight * (experts.w2[expert] @ hidden_F)
+        outputs.append(y_S)
+    return torch.stack(outputs)
+
+
+def test_h1_without_head_and_merge_equals_per_token_moe():
     torch.manual_seed(0)
     mh = MHMoE(d_model=16, num_heads=1, num_experts=4, top_k=2, d_expert=8,
                head_layer=False, merge_layer=False)
@@ -165,20 +184,48 @@ def test_h1_without_head_and_merge_equals_moe():
     assert set(mh.state_dict()) == set(moe.state_dict())
     moe.load_state_dict(mh.state_dict())
     x = torch.randn(3, 7, 16)
-    torch.testing.assert_close(mh(x)[0], moe(x)[0])
+    expected = _per_unit_moe(mh, x.reshape(21, 16)).reshape(3, 7, 16)  # (B, T, D) -> (B*T, D)
+    torch.testing.assert_close(mh(x)[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe(x)[0], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_identity_head_and_merge_equals_per_subtoken_moe():
     torch.manual_seed(0)
     mh = MHMoE(d_model=12, num_heads=3, num_experts=5, top_k=2, d_expert=8)
-    sub = MoE(d_model=4, num_experts=5, top_k=2, d_expert=8)
-    sub.load_state_dict({k: v for k, v in mh.state_dict().items() if k.startswith(("router", "experts"))})
     with torch.no_grad():
         mh.head.weight.copy_(torch.eye(12))
         mh.merge.weight.copy_(torch.eye(12))
     x = torch.randn(6, 12)
-    y_sub, _ = sub(x.reshape(18, 4))  # sub-token h of token t is row t*3 + h
-    torch.testing.assert_close(mh(x)[0], y_sub.reshape(6, 12))
+    # Sub-token h of token t is row t*3 + h: (T, D) -> (T*H, S) -> back to (T, D).
+    expected = _per_unit_moe(mh, x.reshape(18, 4)).reshape(6, 12)
+    torch.testing.assert_close(mh(x)[0], expected, rtol=1e-5, atol=1e-6)
+    # MoE on the sub-tokens with the same router and experts gives the same.
+    sub = MoE(d_model=4, num_experts=5, top_k=2, d_expert=8)
+    sub.load_state_dict({k: v for k, v in mh.state_dict().items() if k.startswith(("router", "experts"))})
+    torch.testing.assert_close(sub(x.reshape(18, 4))[0].reshape(6, 12), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_config_and_keyword_forms_build_the_same_layer():
+    config = MoEConfig(d_model=12, num_experts=4, top_k=2, d_expert=8, num_heads=3, shared_d_ff=6)
+    torch.manual_seed(0)
+    from_config = MHMoE(config)
+    torch.manual_seed(0)
+    from_keywords = MHMoE(12, 3, 4, 2, 8, shared_d_ff=6)
+    assert from_config.config is config and from_keywords.config == config.replace(head_layer=True, merge_layer=True)
+    assert {k: v.shape for k, v in from_config.state_dict().items()} == {
+        k: v.shape for k, v in from_keywords.state_dict().items()}
+    for a, b in zip(from_config.state_dict().values(), from_keywords.state_dict().values()):
+        assert torch.equal(a, b)
+    assert MHMoE.from_config(config).config is config and isinstance(build_ffn(config), MHMoE)
+    # The keyword defaults: MH-MoE has head and merge layers (also at h = 1), MoE has neither.
+    assert MHMoE(d_model=8, num_heads=1, num_experts=2, top_k=1, d_expert=4).head is not None
+    smoe = MoE(8, 2, 1, 4)
+    assert smoe.head is None and smoe.merge is None and smoe.num_heads == 1
+    assert MoE(MoEConfig(8, 2, 1, 4, num_heads=2)).head is not None  # a config is taken as it is
+    with pytest.raises(TypeError, match="at most 5 positional"):
+        MoE(8, 2, 1, 4, 1, 1)
+    with pytest.raises(TypeError, match=r"\['top_k'\] both by position and by keyword"):
+        MHMoE(8, 2, 2, 1, top_k=1, d_expert=4)
 
 
 def test_mhmoe_is_equivariant_to_token_permutation():

@@ -10,6 +10,7 @@ import torch
 
 from mhmoe import DenseConfig, MoEConfig
 from mhmoe.config import ModelConfig
+from mhmoe.data.batching import IGNORE_INDEX
 from mhmoe.model import RMSNorm, RotaryEmbedding, TransformerLM, apply_rotary, lm_loss
 from mhmoe.planning.counts import count_model_flops, count_model_params
 from mhmoe.planning.counts import active_multiply_adds, count_flops, count_params, register_grouped_mm_flop_formula
@@ -121,11 +122,55 @@ def test_tied_embeddings_share_the_matrix():
     assert model.num_parameters() == count_model_params(model.config)["total"]
 
 
+def _reference_lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-ignored positions of ``logsumexp(row) - row[target]``, written out
+    position by position in float64 (independent of ``F.cross_entropy``)."""
+    logits = logits_BTV.detach().to(torch.float64).reshape(-1, logits_BTV.shape[-1])
+    targets = targets_BT.reshape(-1).tolist()
+    terms = [torch.logsumexp(row, dim=0) - row[t] for row, t in zip(logits, targets) if t != IGNORE_INDEX]
+    return torch.stack(terms).mean()
+
+
 def test_lm_loss_is_mean_cross_entropy():
-    logits = torch.randn(2, 3, 7)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7) * 3.0
     targets = torch.randint(0, 7, (2, 3))
-    expected = torch.nn.functional.cross_entropy(logits.view(-1, 7), targets.view(-1))
-    torch.testing.assert_close(lm_loss(logits, targets), expected)
+    loss = lm_loss(logits, targets)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    # Float32 log-softmax over 7 logits of size ~10: a few ulps of ~10, so 1e-5 absolute is ample.
+    torch.testing.assert_close(loss.double(), _reference_lm_loss(logits, targets), rtol=1e-6, atol=1e-5)
+    # A hand-checkable case: uniform logits give log(V) whatever the targets.
+    torch.testing.assert_close(lm_loss(torch.zeros(1, 4, 7), torch.tensor([[0, 3, 6, 2]])), torch.tensor(math.log(7.0)))
+
+
+def test_lm_loss_ignores_padded_targets_and_averages_over_the_rest():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 11) * 3.0
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, 3:] = IGNORE_INDEX  # padding at the end of a window, as eval_batches makes it
+    targets[1, 4] = IGNORE_INDEX
+    loss = lm_loss(logits, targets)
+    reference = _reference_lm_loss(logits, targets)
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-5)
+    # The mean is over the 7 real targets, not the 10 positions: the ignored ones neither add
+    # loss nor count in the denominator, so their logits do not matter either.
+    kept = targets != IGNORE_INDEX
+    assert int(kept.sum()) == 7
+    scrambled = logits.clone()
+    scrambled[~kept] = torch.randn(int((~kept).sum()), 11) * 50.0
+    torch.testing.assert_close(lm_loss(scrambled, targets), loss)
+    all_positions = _reference_lm_loss(logits, torch.where(kept, targets, 0))
+    assert not torch.isclose(reference, all_positions)
+
+
+def test_lm_loss_upcasts_low_precision_logits_to_float32():
+    torch.manual_seed(2)
+    logits = (torch.randn(2, 4, 9) * 3.0).to(torch.bfloat16)
+    targets = torch.randint(0, 9, (2, 4))
+    loss = lm_loss(logits, targets)
+    assert loss.dtype == torch.float32
+    # The bf16 values are exact in float32/float64, so only float32 rounding separates the two.
+    torch.testing.assert_close(loss.double(), _reference_lm_loss(logits, targets), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""BitNet b1.58 quantisation (mhmoe.quant) and packed ternary inference (mhmoe.bitnet.ternary)."""
+"""BitNet b1.58 quantisation (mhmoe.bitnet.layers / mhmoe.bitnet.convert) and packed ternary inference (mhmoe.bitnet.ternary)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mhmoe import MHMoE
+from mhmoe import model as model_mod
 from mhmoe.config import DenseConfig, MoEConfig
 from mhmoe.bitnet.ternary import WEIGHTS_FILE
 from mhmoe.bitnet.ternary import TernaryExperts, TernaryLinear, export_plain, export_ternary, is_ternary_export, load_ternary, pack_ternary, tensor_bytes, unpack_ternary
@@ -20,8 +21,6 @@ from mhmoe.layers.routing import TopKRouter
 from mhmoe.bitnet.layers import BitExperts, BitLinear, BitRouter, activation_quant, activation_quant_codes, weight_quant, weight_quant_codes
 from mhmoe.bitnet.convert import apply_bitnet, bitnet_modules, to_bitnet
 from mhmoe.training.schedules import two_stage_lambdas, two_stage_schedule
-
-model_mod = pytest.importorskip("mhmoe.model")
 
 
 class Toy(nn.Module):
@@ -209,13 +208,13 @@ def test_converter_filters_and_router_option():
     assert not any("attention" in n for n in names)
     assert isinstance(model.blocks[1].ffn.router, BitRouter)
     assert type(model.lm_head) is nn.Linear
-    assert model.bitnet_config.exclude == ("re:.*attention\\..*", "lm_head")
+    assert model.config.bitnet.exclude == ("re:.*attention\\..*", "lm_head")
 
     model = model_mod.TransformerLM(tiny_lm_config())
     to_bitnet(model, include=["re:blocks\\.1\\.ffn\\.(head|merge)", "*.out"], exclude=())
     assert set(bitnet_modules(model)) == {
         "blocks.1.ffn.head", "blocks.1.ffn.merge", "blocks.0.attention.out", "blocks.1.attention.out"}
-    assert model.bitnet_config.include == ("re:blocks\\.1\\.ffn\\.(head|merge)", "*.out")
+    assert model.config.bitnet.include == ("re:blocks\\.1\\.ffn\\.(head|merge)", "*.out")
     # TransformerLM reads lm_head.weight directly: a quantised LM head is refused, not ignored
     with pytest.raises(ValueError, match="lm_head selected"):
         to_bitnet(model_mod.TransformerLM(tiny_lm_config()), include="lm_head", exclude=())
@@ -224,7 +223,7 @@ def test_converter_filters_and_router_option():
     assert bitnet_modules(toy) == ["lm_head"]
 
     # replaying stored options (run config -> apply_bitnet) converts the same modules
-    replay = apply_bitnet(model_mod.TransformerLM(tiny_lm_config()), json.loads(json.dumps(model.bitnet_config.to_dict())))
+    replay = apply_bitnet(model_mod.TransformerLM(tiny_lm_config()), json.loads(json.dumps(model.config.bitnet.to_dict())))
     assert bitnet_modules(replay) == bitnet_modules(model)
     assert apply_bitnet(model_mod.TransformerLM(tiny_lm_config()), None).lm_head.__class__ is nn.Linear
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from mhmoe import MHMoE
-from mhmoe.layers import experts as experts_module
-from mhmoe.layers.experts import IMPLEMENTATIONS, block_backward, block_forward, fused_up_weight
+from mhmoe.layers.experts import Experts, block_backward, block_forward, fused_up_weight
+
+FAST_BACKENDS = ("blocked", "grouped")
 
 
 def _grads(layer, x, forward):
@@ -19,52 +18,20 @@ def _grads(layer, x, forward):
     return y, torch.autograd.grad(objective, [x] + list(layer.parameters()))
 
 
-@pytest.fixture(params=["saved_hidden", "recomputed_hidden"])
-def hidden_mode(request, monkeypatch):
-    """Both regimes of the blocked path: hidden pre-activations kept, and recomputed (the
-    setting is constant across hypothesis examples, so sharing the fixture is safe)."""
-    if request.param == "recomputed_hidden":
-        monkeypatch.setattr(experts_module, "SAVE_HIDDEN_MAX_BYTES", 0)
-    return request.param
+# Both regimes of the blocked path: hidden pre-activations kept, and recomputed (every backend
+# against the reference, in float64, is tests/test_dispatch_backends.py).
+HIDDEN_MODES = {"saved_hidden": Experts.save_hidden_max_bytes, "recomputed_hidden": 0}
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    num_heads=st.integers(1, 3),
-    top_k=st.integers(1, 4),
-    num_experts=st.integers(1, 12),
-    num_tokens=st.integers(1, 17),
-    activation=st.sampled_from(["swiglu", "relu"]),
-    capacity_factor=st.sampled_from([None, None, 0.5, 1.25]),
-    seed=st.integers(0, 2**16),
-)
-def test_implementations_equal_loop_reference_float64(
-    hidden_mode, implementation, num_heads, top_k, num_experts, num_tokens, activation,
-    capacity_factor, seed,
-):
-    top_k = min(top_k, num_experts)
-    torch.manual_seed(seed)
-    layer = MHMoE(
-        d_model=8 * num_heads, num_heads=num_heads, num_experts=num_experts, top_k=top_k,
-        d_expert=6, activation=activation, capacity_factor=capacity_factor,
-    ).double()
-    layer.experts.implementation = implementation
-    x = torch.randn(num_tokens, 8 * num_heads, dtype=torch.float64, requires_grad=True)
-    y_fast, grads_fast = _grads(layer, x, layer.forward)
-    y_ref, grads_ref = _grads(layer, x, layer.forward_reference)
-    torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
-    for g_fast, g_ref in zip(grads_fast, grads_ref):
-        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("hidden_mode", list(HIDDEN_MODES))
+@pytest.mark.parametrize("implementation", FAST_BACKENDS)
 @pytest.mark.parametrize("num_heads,num_experts,top_k,d_expert", [(1, 8, 1, 64), (3, 24, 3, 32), (2, 10, 2, 48)])
 def test_float32_paths_match_reference(hidden_mode, implementation, num_heads, num_experts, top_k, d_expert):
     torch.manual_seed(3)
     layer = MHMoE(d_model=48, num_heads=num_heads, num_experts=num_experts, top_k=top_k,
                   d_expert=d_expert, shared_d_ff=40)
     layer.experts.implementation = implementation
+    layer.experts.save_hidden_max_bytes = HIDDEN_MODES[hidden_mode]
     x = torch.randn(3, 57, 48, requires_grad=True)
     y_fast, grads_fast = _grads(layer, x, layer.forward)
     y_ref, grads_ref = _grads(layer, x, layer.forward_reference)
@@ -77,9 +44,11 @@ def test_blocked_path_is_the_cpu_default_and_grouped_under_compile():
     layer = MHMoE(d_model=8, num_heads=2, num_experts=3, top_k=1, d_expert=4)
     x = torch.randn(2, 4)
     assert layer.experts.resolve_implementation(x) == "blocked"
-    many = experts_module.BLOCKED_MIN_ROWS_PER_EXPERT
+    many = layer.experts.blocked_min_rows_per_expert
     assert layer.experts.resolve_implementation(x, rows_per_expert=many) == "blocked"
     assert layer.experts.resolve_implementation(x, rows_per_expert=many - 1) == "grouped"
+    layer.experts.blocked_min_rows_per_expert = 0  # an attribute per layer, not a module constant
+    assert layer.experts.resolve_implementation(x, rows_per_expert=1) == "blocked"
     layer.experts.implementation = "grouped"
     assert layer.experts.resolve_implementation(x) == "grouped"
     layer.experts.implementation = "fast"
@@ -92,7 +61,6 @@ def test_blocked_path_is_the_cpu_default_and_grouped_under_compile():
 
 def test_subclass_with_own_forward_is_not_bypassed():
     """BitNet's BitExperts overrides forward: the blocked path (raw w1/w3/w2) must not run."""
-    from mhmoe.layers.experts import Experts
 
     class ScaledExperts(Experts):
         def forward(self, x_MS, offsets_E, counts_E=None):
@@ -107,9 +75,12 @@ def test_subclass_with_own_forward_is_not_bypassed():
     assert scaled.resolve_implementation(torch.ones(1)) == "grouped"
     y2, _ = layer(torch.ones(5, 8, dtype=torch.float64))
     torch.testing.assert_close(y2, 2 * y)
+    scaled.implementation = "blocked"  # asked for explicitly: refused, not silently bypassed
+    with pytest.raises(ValueError, match="implementation='blocked': reads the raw stacked weights"):
+        layer(torch.ones(5, 8, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", FAST_BACKENDS)
 def test_no_grad_inputs_and_inference(implementation):
     """Inputs without grad (no head layer, frozen weights) and no_grad inference both work."""
     torch.manual_seed(0)
@@ -156,11 +127,12 @@ def test_block_backward_equals_autograd(swiglu):
 
 def test_bench_peers_compute_the_same_layer():
     """The benchmark's peers (loop, GShard with ample capacity, HF when installed) compute
-    our layer's output on copied weights."""
+    our layer's output on copied weights, inside the layer's own head/split/merge and shared
+    expert."""
     from mhmoe import bench
 
     torch.manual_seed(0)
-    layer = MHMoE(d_model=24, num_heads=3, num_experts=6, top_k=2, d_expert=16)
+    layer = MHMoE(d_model=24, num_heads=3, num_experts=6, top_k=2, d_expert=16, shared_d_ff=8)
     x = torch.randn(40, 24)
     y_ours, _ = layer(x)
     peers = ["loop", "grouped"] + [p for p in ("hf_eager", "hf_grouped_mm") if bench.hf_available(bench.HF_IMPLEMENTATIONS[p])]

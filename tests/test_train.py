@@ -3,6 +3,7 @@ resumption that reproduces an uninterrupted run exactly, and the reloaded model.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from mhmoe.runs import checkpoint as ckpt
 from mhmoe.cli import main
-from mhmoe.model import TransformerLM
+from mhmoe.model import TransformerLM, lm_loss
 from mhmoe.training.presets import model_config
 from mhmoe.runs.metrics import MetricsLog, read_metrics
 from mhmoe.training.run import RunOptions, run_training
@@ -247,7 +248,106 @@ def test_trained_model_reloads_with_identical_logits(corpus, data_dir, tmp_path)
         ckpt.load_run(result.run_dir, step=3)
 
 
-def test_loss_falls_with_gradient_accumulation(corpus, data_dir, tmp_path):
+class _FixedBatches:
+    """A sampler for ``train_loop`` that hands out given (inputs, targets) batches in order."""
+
+    def __init__(self, batches):
+        self.batches, self.position = list(batches), 0
+
+    def next_batch(self):
+        batch = self.batches[self.position]
+        self.position += 1
+        return batch
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = int(state["position"])
+
+
+def _accumulated_step_gradients(model, inputs_BT, targets_BT, micro_batch_size, run_dir, monkeypatch):
+    """The gradients ``train_loop`` hands to ``optimizer.step()`` in a one-step run of
+    ``batch_size = len(inputs_BT)`` rows in micro-batches of ``micro_batch_size`` (recorded by
+    wrapping the optimiser that ``mhmoe.training.loop.build_optimizer`` builds), and the step's
+    logged loss."""
+    import mhmoe.training.loop as loop_mod
+
+    recorded = []
+    real_build = loop_mod.build_optimizer
+
+    def recording_build(module, config):
+        optimizer = real_build(module, config)
+        real_step = optimizer.step
+
+        def step(*args, **kwargs):
+            recorded.append({name: p.grad.detach().clone() for name, p in module.named_parameters()})
+            return real_step(*args, **kwargs)
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(loop_mod, "build_optimizer", recording_build)
+    # clip_grad_norm=None: the recorded gradients are not rescaled; fp32: no autocast.
+    config = TrainConfig(total_steps=1, batch_size=inputs_BT.shape[0], seq_len=inputs_BT.shape[1], lr=1e-3,
+                         warmup_steps=0, schedule="constant", micro_batch_size=micro_batch_size,
+                         clip_grad_norm=None, device="cpu", precision="fp32", threads=1, eval_tokens=None)
+    result = loop_mod.train_loop(model, _FixedBatches([(inputs_BT, targets_BT)]), {}, config, run_dir, quiet=True)
+    assert result.finished and result.step == 1 and len(recorded) == 1
+    return recorded[0], result.last_loss
+
+
+def _assert_accumulation_matches_one_big_batch(run_dir: Path, monkeypatch) -> None:
+    """One ``train_loop`` step over 4 micro-batches hands the optimiser the gradients of one
+    forward/backward over the 8 sequences together."""
+    # An MH-MoE model (dropless dispatch) with load_balancing_weight=0 and z_loss_weight=0: the
+    # aux losses are averaged per micro-batch, so with them the accumulated gradient is *not*
+    # that of the big batch; without them the loss is the mean token cross-entropy, and with
+    # equal-sized micro-batches mean_k(mean over micro-batch k) is the mean over the batch.
+    torch.manual_seed(0)
+    config = model_config("tiny", "mhmoe_h2", vocab_size=64, load_balancing_weight=0.0, z_loss_weight=0.0)
+    model = TransformerLM(config).double()  # float64 parameters and activations
+    batch, seq_len, micro = 8, 16, 2  # 4 micro-batches
+    tokens = torch.randint(0, 64, (batch, seq_len + 1))
+    inputs_BT, targets_BT = tokens[:, :-1], tokens[:, 1:]
+
+    # The reference: one forward/backward of all 8 sequences at the initial weights.
+    big = copy.deepcopy(model)
+    output = big(inputs_BT)
+    big_loss = lm_loss(output.logits, targets_BT) + output.aux_loss
+    assert float(output.aux_loss.detach()) == 0.0
+    big_loss.backward()
+    expected = {name: p.grad for name, p in big.named_parameters()}
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in expected.values())
+
+    run_dir.mkdir(parents=True)
+    grads, logged_loss = _accumulated_step_gradients(model, inputs_BT, targets_BT, micro, run_dir, monkeypatch)
+    assert grads.keys() == expected.keys()
+    # Tolerance: parameters, activations and gradients are float64, but two pieces run in
+    # float32 by design: the router (logits, softmax, combine weights; mhmoe.layers.routing) and
+    # lm_loss's log-softmax. Their values can differ by an ulp (~6e-8 relative) between a
+    # 2-row and an 8-row batch; the 1/tokens and 1/accumulation factors are powers of two
+    # (exact). Measured worst difference: 2.3e-9 absolute; rtol=1e-5, atol=1e-7 leave a wide
+    # margin, while a missing 1/accumulation, a dropped or repeated micro-batch, or grads
+    # zeroed between micro-batches is off by >= 25% (every tensor's largest gradient >= 2e-3).
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float64, name
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    # The logged loss (mean of the micro-batch lm losses) is the big batch's loss.
+    assert logged_loss == pytest.approx(float(big_loss.detach()), rel=1e-6)
+    # Not degenerate: the update changed the weights, and the micro-batches differ (the first
+    # one alone gives another gradient).
+    assert not torch.equal(model.embed.weight, big.embed.weight)
+    first = copy.deepcopy(big)
+    first.zero_grad(set_to_none=True)
+    out_first = first(inputs_BT[:micro])
+    lm_loss(out_first.logits, targets_BT[:micro]).backward()
+    assert not torch.allclose(first.embed.weight.grad, expected["embed.weight"], rtol=1e-2, atol=0)
+
+
+def test_loss_falls_with_gradient_accumulation(corpus, data_dir, tmp_path, monkeypatch):
+    # Accumulation itself: one step's accumulated gradients equal those of the big batch.
+    _assert_accumulation_matches_one_big_batch(tmp_path / "exact", monkeypatch)
     out = tmp_path / "run"
     args = train_args(corpus, data_dir, out, "--max-steps", "16", "--batch-size", "8", "--micro-batch-size", "4",
                       "--variant", "smoe")

@@ -3,12 +3,12 @@
     y = merge( unsplit( MoE( split( head(x), h ) ) ) )
 
 The layer family (Dense, SMoE, fine-grained SMoE, MH-MoE, shared experts, head/merge
-ablations) shares one MoE core; ``mhmoe.parity`` counts their parameters and FLOPs and plans
+ablations) shares one MoE core; ``mhmoe.planning`` counts their parameters and FLOPs and plans
 FLOPs-matched MH-MoE configurations.
 """
 
 from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.version import __version__
+from mhmoe.version import __version__  # noqa: F401 (mhmoe.__version__)
 from mhmoe.layers.feed_forward import FeedForward
 from mhmoe.layers.mh_moe import MHMoE, MoE, build_ffn
 from mhmoe.layers.moe import MoEAux

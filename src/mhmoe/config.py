@@ -16,20 +16,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 from dataclasses import asdict
+from mhmoe import checks
 
 ACTIVATIONS = ("swiglu", "relu")
 
 
-def _require_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be a positive integer")
 
 
-def _require_bool(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: must be true or false" + (" or None" if allow_none else ""))
 
 
 def _require_activation(activation: Any) -> None:
@@ -47,10 +40,10 @@ class DenseConfig:
     bias: bool = False
 
     def __post_init__(self) -> None:
-        _require_positive_int("d_model", self.d_model)
-        _require_positive_int("d_ff", self.d_ff)
+        checks.positive_int("d_model", self.d_model)
+        checks.positive_int("d_ff", self.d_ff)
         _require_activation(self.activation)
-        _require_bool("bias", self.bias)
+        checks.boolean("bias", self.bias)
 
     @property
     def kind(self) -> str:
@@ -80,11 +73,10 @@ class MoEConfig:
     bias: bool = False
     capacity_factor: float | None = None
     normalize_top_k: bool | None = None
-    z_loss: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_experts", "top_k", "d_expert", "num_heads"):
-            _require_positive_int(name, getattr(self, name))
+            checks.positive_int(name, getattr(self, name))
         _require_activation(self.activation)
         if self.d_model % self.num_heads != 0:
             raise ValueError(
@@ -97,18 +89,12 @@ class MoEConfig:
                 "a (sub-)token cannot be routed to more experts than exist"
             )
         if self.shared_d_ff is not None:
-            _require_positive_int("shared_d_ff", self.shared_d_ff)
+            checks.positive_int("shared_d_ff", self.shared_d_ff)
         if self.capacity_factor is not None:
-            if isinstance(self.capacity_factor, bool) or not isinstance(
-                self.capacity_factor, (int, float)
-            ) or not 0 < self.capacity_factor < float("inf"):
-                raise ValueError(
-                    f"capacity_factor={self.capacity_factor!r}: must be a finite positive number or None"
-                )
+            checks.positive_number("capacity_factor", self.capacity_factor)
         for name in ("head_layer", "merge_layer", "normalize_top_k"):
-            _require_bool(name, getattr(self, name), allow_none=True)
-        _require_bool("bias", self.bias)
-        _require_bool("z_loss", self.z_loss)
+            checks.boolean(name, getattr(self, name), allow_none=True)
+        checks.boolean("bias", self.bias)
 
     @property
     def kind(self) -> str:
@@ -141,9 +127,6 @@ class MoEConfig:
 FFNConfig = DenseConfig | MoEConfig
 
 
-def _require_non_negative_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{name}={value!r}: must be a finite non-negative number")
 
 
 def ffn_config_to_dict(config: DenseConfig | MoEConfig) -> dict[str, Any]:
@@ -157,122 +140,17 @@ def ffn_config_from_dict(data: dict[str, Any]) -> DenseConfig | MoEConfig:
         raise ValueError(f"FFN config {data!r}: must be a JSON object")
     fields = dict(data)
     kind = fields.pop("kind", None)
+    # Files written before MoEConfig lost its unused z_loss flag (the z-loss is weighted by
+    # ModelConfig.z_loss_weight) still load.
+    if kind == "moe":
+        fields.pop("z_loss", None)
     cls = {"dense": DenseConfig, "moe": MoEConfig}.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ValueError(f"FFN config kind={kind!r}: must be 'dense' or 'moe'")
-    _check_fields(f"FFN config ({kind})", cls, fields)
+    checks.known_fields(f"FFN config ({kind})", cls, fields)
     return cls(**fields)
 
 
-def _check_fields(what: str, cls: type, fields: dict[Any, Any]) -> None:
-    """ValueError naming unknown or missing (required) fields of a dataclass to build."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted((k for k in fields if k not in known), key=repr)
-    if unknown:
-        raise ValueError(f"{what} has unknown fields {unknown}")
-    missing = [name for name, f in known.items() if name not in fields
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"{what} lacks the required fields {missing}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to build a ``TransformerLM``.
-
-    ``dense_ffn`` fills the FFN slot of the blocks without MoE (and of every block when
-    ``moe_ffn`` is None, the Dense baseline); ``moe_ffn`` fills every ``moe_every``-th block.
-    """
-
-    vocab_size: int
-    d_model: int
-    num_layers: int
-    num_attention_heads: int
-    max_seq_len: int
-    dense_ffn: DenseConfig
-    moe_ffn: MoEConfig | None = None
-    moe_every: int = 2
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    load_balancing_weight: float = 0.01
-    z_loss_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_attention_heads",
-                     "max_seq_len", "moe_every"):
-            _require_positive_int(name, getattr(self, name))
-        if self.d_model % self.num_attention_heads != 0:
-            raise ValueError(
-                f"d_model={self.d_model} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if (self.d_model // self.num_attention_heads) % 2 != 0:
-            raise ValueError(
-                f"attention head size d_model/num_attention_heads="
-                f"{self.d_model // self.num_attention_heads}: must be even for rotary embeddings"
-            )
-        if not isinstance(self.dense_ffn, DenseConfig):
-            raise ValueError(f"dense_ffn={self.dense_ffn!r}: must be a DenseConfig")
-        if self.moe_ffn is not None and not isinstance(self.moe_ffn, MoEConfig):
-            raise ValueError(f"moe_ffn={self.moe_ffn!r}: must be a MoEConfig or None")
-        for name, ffn in (("dense_ffn", self.dense_ffn), ("moe_ffn", self.moe_ffn)):
-            if ffn is not None and ffn.d_model != self.d_model:
-                raise ValueError(
-                    f"{name}.d_model={ffn.d_model} differs from the model's d_model={self.d_model}"
-                )
-        if self.moe_ffn is not None and self.moe_every > self.num_layers:
-            raise ValueError(
-                f"moe_every={self.moe_every} exceeds num_layers={self.num_layers}: "
-                "the model would have no MoE layer"
-            )
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings={self.tie_embeddings!r}: must be true or false")
-        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) \
-                or not 0 < self.rope_theta < float("inf"):
-            raise ValueError(f"rope_theta={self.rope_theta!r}: must be a finite positive number")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) \
-                or not 0 < self.norm_eps < float("inf"):
-            raise ValueError(f"norm_eps={self.norm_eps!r}: must be a finite positive number")
-        _require_non_negative_number("load_balancing_weight", self.load_balancing_weight)
-        _require_non_negative_number("z_loss_weight", self.z_loss_weight)
-
-    @property
-    def head_size(self) -> int:
-        return self.d_model // self.num_attention_heads
-
-    def is_moe_block(self, index: int) -> bool:
-        """Whether block ``index`` (0-based) holds the MoE layer: (index + 1) % moe_every == 0."""
-        return self.moe_ffn is not None and (index + 1) % self.moe_every == 0
-
-    def ffn_for_block(self, index: int) -> DenseConfig | MoEConfig:
-        return self.moe_ffn if self.is_moe_block(index) else self.dense_ffn  # type: ignore[return-value]
-
-    @property
-    def num_moe_layers(self) -> int:
-        return sum(self.is_moe_block(i) for i in range(self.num_layers))
-
-    def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["dense_ffn"] = ffn_config_to_dict(self.dense_ffn)
-        data["moe_ffn"] = None if self.moe_ffn is None else ffn_config_to_dict(self.moe_ffn)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"model config {data!r}: must be a JSON object")
-        fields = dict(data)
-        if "dense_ffn" not in fields:
-            raise ValueError("model config lacks 'dense_ffn'")
-        _check_fields("model config", cls, fields)
-        fields["dense_ffn"] = ffn_config_from_dict(fields["dense_ffn"])
-        if fields.get("moe_ffn") is not None:
-            fields["moe_ffn"] = ffn_config_from_dict(fields["moe_ffn"])
-        return cls(**fields)
 
 
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head")
@@ -307,3 +185,106 @@ class BitNetConfig:
         if "exclude" in fields:
             fields["exclude"] = tuple(fields["exclude"] or ())
         return cls(**fields)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a ``TransformerLM``.
+
+    ``dense_ffn`` fills the FFN slot of the blocks without MoE (and of every block when
+    ``moe_ffn`` is None, the Dense baseline); ``moe_ffn`` fills every ``moe_every``-th block.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_attention_heads: int
+    max_seq_len: int
+    dense_ffn: DenseConfig
+    moe_ffn: MoEConfig | None = None
+    moe_every: int = 2
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    load_balancing_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    bitnet: BitNetConfig | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_attention_heads",
+                     "max_seq_len", "moe_every"):
+            checks.positive_int(name, getattr(self, name))
+        if self.d_model % self.num_attention_heads != 0:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if (self.d_model // self.num_attention_heads) % 2 != 0:
+            raise ValueError(
+                f"attention head size d_model/num_attention_heads="
+                f"{self.d_model // self.num_attention_heads}: must be even for rotary embeddings"
+            )
+        if not isinstance(self.dense_ffn, DenseConfig):
+            raise ValueError(f"dense_ffn={self.dense_ffn!r}: must be a DenseConfig")
+        if self.moe_ffn is not None and not isinstance(self.moe_ffn, MoEConfig):
+            raise ValueError(f"moe_ffn={self.moe_ffn!r}: must be a MoEConfig or None")
+        for name, ffn in (("dense_ffn", self.dense_ffn), ("moe_ffn", self.moe_ffn)):
+            if ffn is not None and ffn.d_model != self.d_model:
+                raise ValueError(
+                    f"{name}.d_model={ffn.d_model} differs from the model's d_model={self.d_model}"
+                )
+        if self.moe_ffn is not None and self.moe_every > self.num_layers:
+            raise ValueError(
+                f"moe_every={self.moe_every} exceeds num_layers={self.num_layers}: "
+                "the model would have no MoE layer"
+            )
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings={self.tie_embeddings!r}: must be true or false")
+        checks.positive_number("rope_theta", self.rope_theta)
+        checks.positive_number("norm_eps", self.norm_eps)
+        checks.non_negative_number("load_balancing_weight", self.load_balancing_weight)
+        checks.non_negative_number("z_loss_weight", self.z_loss_weight)
+        if self.bitnet is not None and not isinstance(self.bitnet, BitNetConfig):
+            raise ValueError(f"bitnet={self.bitnet!r}: must be a BitNetConfig or None")
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.num_attention_heads
+
+    def is_moe_block(self, index: int) -> bool:
+        """Whether block ``index`` (0-based) holds the MoE layer: (index + 1) % moe_every == 0."""
+        return self.moe_ffn is not None and (index + 1) % self.moe_every == 0
+
+    def ffn_for_block(self, index: int) -> DenseConfig | MoEConfig:
+        return self.moe_ffn if self.is_moe_block(index) else self.dense_ffn  # type: ignore[return-value]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_block(i) for i in range(self.num_layers))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["dense_ffn"] = ffn_config_to_dict(self.dense_ffn)
+        data["moe_ffn"] = None if self.moe_ffn is None else ffn_config_to_dict(self.moe_ffn)
+        data["bitnet"] = None if self.bitnet is None else self.bitnet.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"model config {data!r}: must be a JSON object")
+        fields = dict(data)
+        if "dense_ffn" not in fields:
+            raise ValueError("model config lacks 'dense_ffn'")
+        checks.known_fields("model config", cls, fields)
+        fields["dense_ffn"] = ffn_config_from_dict(fields["dense_ffn"])
+        if fields.get("moe_ffn") is not None:
+            fields["moe_ffn"] = ffn_config_from_dict(fields["moe_ffn"])
+        if fields.get("bitnet") is not None:
+            fields["bitnet"] = BitNetConfig.from_dict(fields["bitnet"])
+        return cls(**fields)
+
+

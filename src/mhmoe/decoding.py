@@ -32,14 +32,6 @@ from torch import nn
 from mhmoe.layers.moe import MoEAux
 from mhmoe.model import Attention, RotaryEmbedding, TransformerLM, apply_rotary
 
-__all__ = [
-    "DecoderOutput",
-    "KVCache",
-    "decoder_forward",
-    "generate_tokens",
-    "sample_next",
-]
-
 
 class CacheLike(Protocol):
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]: ...

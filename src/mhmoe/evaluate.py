@@ -37,17 +37,6 @@ from mhmoe.runtime import autocast_context
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "EvalResult",
-    "autocast_context",
-    "evaluate_run",
-    "evaluate_sets",
-    "evaluate_tokens",
-    "metrics_line",
-    "prepare_eval_sets",
-    "token_byte_lengths",
-]
-
 
 @dataclass(frozen=True)
 class EvalResult:

@@ -34,37 +34,15 @@ alike; the token embedding is N(0, 0.02) (GPT-2).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhmoe.config import DenseConfig, MoEConfig
+from mhmoe.bitnet.convert import apply_bitnet
+from mhmoe.config import DenseConfig, ModelConfig, MoEConfig
 from mhmoe.layers.mh_moe import build_ffn
 from mhmoe.layers.moe import MoEAux
-from mhmoe.config import ModelConfig
-
-__all__ = [
-    "Attention",
-    "Block",
-    "LMOutput",
-    "ModelConfig",
-    "RMSNorm",
-    "RotaryEmbedding",
-    "TransformerLM",
-    "apply_rotary",
-    "count_model_flops",
-    "count_model_params",
-    "ffn_config_from_dict",
-    "ffn_config_to_dict",
-    "lm_loss",
-]
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be a positive integer")
 
 
 @dataclass
@@ -179,6 +157,9 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     """Decoder-only LM; ``forward(ids_BT) -> LMOutput`` (module docstring)."""
 
+    # The logits are F.linear(x, lm_head.weight): BitNet must not convert the LM head.
+    weights_read_directly = ("lm_head",)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -193,6 +174,8 @@ class TransformerLM(nn.Module):
             None if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
+        if config.bitnet is not None:  # BitNet b1.58 (paper Table 3): the converter swaps layers
+            apply_bitnet(self, config.bitnet)
 
     def forward(self, ids_BT: torch.Tensor) -> LMOutput:
         if ids_BT.dim() != 2:
@@ -235,7 +218,7 @@ def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Analytic counts of the whole model (the FFN slots come from mhmoe.parity)
+# Analytic counts of the whole model (the FFN slots come from mhmoe.planning.counts)
 # ---------------------------------------------------------------------------------------------
 
 

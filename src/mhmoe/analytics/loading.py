@@ -83,7 +83,7 @@ def _tokens_from_text(path: Path, tokenizer: Any, max_tokens: int | None) -> Any
 def _find_heldout(run_dir: Path, run_config: Mapping[str, Any]) -> Path:
 
     candidates = [run_dir, run_dir / "data"]
-    # mhmoe.train records the token-cache folder as "data_dir" (shared by all runs of a
+    # mhmoe.training.run records the token-cache folder as "data_dir" (shared by all runs of a
     # reproduce); other path-like settings of the "data" section are tried after it.
     values = [run_config.get("data_dir")]
     data_section = run_config.get("data")

@@ -12,7 +12,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mhmoe.analytics.accumulator import layers_of
+from mhmoe.analytics.summary import layers_of
 
 
 def _new_figure(width: float, height: float):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mhmoe.analytics.accumulator import layers_of
+from mhmoe.analytics.summary import layers_of
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -22,27 +22,26 @@ PEERS = ("ours", "grouped", "loop", "hf_eager", "hf_batched_mm", "hf_grouped_mm"
 HF_IMPLEMENTATIONS = {"hf_eager": "eager", "hf_batched_mm": "batched_mm", "hf_grouped_mm": "grouped_mm"}
 
 
-def _split_merge(layer: MHMoE, core: Callable[[torch.Tensor], torch.Tensor]):
-    """head -> split -> core on (T*H, S) units -> unsplit -> merge, with our head/merge."""
-
-    def forward(x_TD: torch.Tensor) -> torch.Tensor:
-        num_tokens = x_TD.shape[0]
-        x_hat_TD = layer.head(x_TD) if layer.head is not None else x_TD
-        y_NS = core(x_hat_TD.reshape(num_tokens * layer.num_heads, layer.d_sub))
-        y_TD = y_NS.reshape(num_tokens, layer.d_model)
-        return layer.merge(y_TD) if layer.merge is not None else y_TD
-
-    return forward
-
-
-class LoopPeer(nn.Module):
-    """The per-expert loop of HF transformers v4 MoE blocks (Mixtral/Qwen2-MoE pattern)."""
+class _CorePeer(nn.Module):
+    """A peer's MoE core (units x_NS -> y_NS) as step 3 of a copy of our layer, whose head,
+    split, merge and shared expert stay its own (``MHMoE.forward_with_dispatch``)."""
 
     def __init__(self, layer: MHMoE) -> None:
         super().__init__()
         self.layer = copy.deepcopy(layer)
 
-    def _core(self, x_NS: torch.Tensor) -> torch.Tensor:
+    def core(self, x_NS: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # Peers compute no routing losses: no aux.
+        return self.layer.forward_with_dispatch(x_TD, lambda x_NS, *_: (self.core(x_NS), None))[0]
+
+
+class LoopPeer(_CorePeer):
+    """The per-expert loop of HF transformers v4 MoE blocks (Mixtral/Qwen2-MoE pattern)."""
+
+    def core(self, x_NS: torch.Tensor) -> torch.Tensor:
         router, experts = self.layer.router, self.layer.experts
         route = router(x_NS)
         weights_NK = route.weights_NK.to(x_NS.dtype)
@@ -55,9 +54,6 @@ class LoopPeer(nn.Module):
             out_rS = out_rS * weights_NK[unit_idx, rank_idx, None]
             y_NS.index_add_(0, unit_idx, out_rS)
         return y_NS
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return _split_merge(self.layer, self._core)(x_TD)
 
 
 def hf_available(implementation: str = "eager") -> bool:
@@ -72,14 +68,14 @@ def hf_available(implementation: str = "eager") -> bool:
     return implementation == "eager" or implementation in ALL_EXPERTS_FUNCTIONS
 
 
-class HFPeer(nn.Module):
+class HFPeer(_CorePeer):
     """HF transformers v5 ``Qwen3MoeSparseMoeBlock`` as the MoE core, our weights copied in.
 
     Same router semantics as ours: softmax over all experts, top-k, renormalised when k > 1.
     """
 
     def __init__(self, layer: MHMoE, implementation: str) -> None:
-        super().__init__()
+        super().__init__(layer)
         from transformers import Qwen3MoeConfig
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -94,7 +90,6 @@ class HFPeer(nn.Module):
             hidden_act="silu",
         )
         cfg._experts_implementation = implementation
-        self.layer = copy.deepcopy(layer)
         self.block = Qwen3MoeSparseMoeBlock(cfg)
         with torch.no_grad():
             self.block.gate.weight.copy_(layer.router.weight)
@@ -104,14 +99,11 @@ class HFPeer(nn.Module):
             self.block.experts.down_proj.copy_(layer.experts.w2)  # (E, S, F)
         self.block.to(dtype=layer.experts.w1.dtype, device=layer.experts.w1.device)
 
-    def _core(self, x_NS: torch.Tensor) -> torch.Tensor:
-        return self.block(x_NS.unsqueeze(0)).squeeze(0)
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return _split_merge(self.layer, self._core)(x_TD)
+    def core(self, x_NS: torch.Tensor) -> torch.Tensor:
+        return self.block(x_NS.unsqueeze(0)).squeeze(0)  # (N, S) -> (1, N, S) -> (N, S)
 
 
-class GShardPeer(nn.Module):
+class GShardPeer(_CorePeer):
     """GShard-style einsum dispatch with capacity (Lepikhin et al. 2020; fairseq/torchscale MoE).
 
     Units are cut into groups of ``group_size``; per group each expert takes at most
@@ -122,12 +114,11 @@ class GShardPeer(nn.Module):
     """
 
     def __init__(self, layer: MHMoE, capacity_factor: float = 1.25, group_size: int = 512) -> None:
-        super().__init__()
-        self.layer = copy.deepcopy(layer)
+        super().__init__(layer)
         self.capacity_factor = capacity_factor
         self.group_size = group_size
 
-    def _core(self, x_NS: torch.Tensor) -> torch.Tensor:
+    def core(self, x_NS: torch.Tensor) -> torch.Tensor:
         router, experts = self.layer.router, self.layer.experts
         num_units, d_unit = x_NS.shape
         num_experts, top_k = router.num_experts, router.top_k
@@ -163,9 +154,6 @@ class GShardPeer(nn.Module):
         y_EGCS = y_EMS.view(num_experts, num_groups, capacity, d_unit)
         y_GSS = torch.einsum("gsec,egcm->gsm", combine, y_EGCS)
         return y_GSS.reshape(-1, d_unit)[:num_units]
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return _split_merge(self.layer, self._core)(x_TD)
 
 
 PEER_MEMORY_LIMIT_BYTES = 3 * 2**30

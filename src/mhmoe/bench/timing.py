@@ -5,7 +5,7 @@
     mhmoe bench e2e --preset mini             # training tokens/s of the five variants
 
 Layer benchmark. For every (d_model, tokens) shape, the paper's five variants
-(``mhmoe.parity.paper_variants``: dense, SMoE 8 x (8/3)d top-1, fine-grained 16 x (4/3)d top-2,
+(``mhmoe.planning.variants.paper_variants``: dense, SMoE 8 x (8/3)d top-1, fine-grained 16 x (4/3)d top-2,
 MH-MoE h=2 40 x d top-2, h=3 96 x (2/3)d top-3; SwiGLU) are built once, and every
 implementation ("peer") runs forward + backward on the same input, the same upstream gradient
 and the same weights (copied into the peer's layout):
@@ -29,7 +29,7 @@ The dense row (SwiGLU with the same active FLOPs per token as every MoE variant)
 practical limit. Cases run round-robin (every round runs every case once, in a fixed order)
 so that machine noise hits all of them alike; the report gives the median and the minimum
 over rounds, ratios of medians, achieved GFLOP/s (active FLOPs x 3 for forward + backward,
-``mhmoe.parity.count_flops``) against a large matmul measured in the same run, and the peak
+``mhmoe.planning.counts.count_flops``) against a large matmul measured in the same run, and the peak
 tensor memory of one step (CUDA allocator stats on GPU, the profiler's allocation trace on
 CPU).
 """

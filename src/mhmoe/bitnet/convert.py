@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from mhmoe.bitnet.layers import BitExperts, BitLinear, BitRouter
-from mhmoe.config import DEFAULT_EXCLUDE, BitNetConfig
+from mhmoe.config import DEFAULT_EXCLUDE, BitNetConfig, ModelConfig
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.routing import TopKRouter
 
@@ -100,7 +100,7 @@ def to_bitnet(
     never candidates. Each explicit include pattern must match at least one candidate
     (ValueError otherwise: a typo would silently train a full-precision model).
 
-    The options are recorded on the model as ``model.bitnet_config`` (a ``BitNetConfig``).
+    A model with a ``ModelConfig`` (``TransformerLM``) records the options in ``model.config.bitnet``.
     """
     include_p = _compile_patterns("include", include) if include is not None else None
     exclude_p = _compile_patterns("exclude", exclude)
@@ -118,14 +118,16 @@ def to_bitnet(
         if (include_p is None or any(_matches(name, p) for _, p in include_p))
         and not any(_matches(name, p) for _, p in exclude_p)
     ]
-    if type(model).__name__ == "TransformerLM" and any(
-        getattr(model, "lm_head", None) is m for _, m in selected
-    ):
-        raise ValueError(
-            "lm_head selected for quantisation: TransformerLM computes its logits from "
-            "lm_head.weight directly, so a BitLinear LM head would run unquantised; keep it out "
-            "of include (it is in the default exclude)"
-        )
+    # Modules whose weight the model reads directly (TransformerLM's LM head: logits =
+    # F.linear(x, lm_head.weight)) would run unquantised as BitLinear.
+    read_by_weight = {name for name in getattr(model, "weights_read_directly", ())}
+    for name, _ in selected:
+        if name in read_by_weight:
+            raise ValueError(
+                f"{name} selected for quantisation: {type(model).__name__} computes its logits "
+                f"from {name}.weight directly, so a BitLinear {name} would run unquantised; keep "
+                "it out of include (it is in the default exclude)"
+            )
     for name, module in selected:
         new = _convert(module, norm)
         new.train(module.training)
@@ -141,7 +143,8 @@ def to_bitnet(
         quantize_router=quantize_router,
         norm=norm,
     )
-    model.bitnet_config = config
+    if isinstance(getattr(model, "config", None), ModelConfig):  # the model's config tree says so
+        model.config = model.config.replace(bitnet=config)
     return model
 
 

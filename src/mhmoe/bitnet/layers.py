@@ -52,9 +52,11 @@ default: embeddings (never an nn.Linear), the LM head (excluded by name, ``*lm_h
 router (``quantize_router=True`` quantises it). Attention's fused qkv projection gets one
 scale for the fused (3D, D) matrix.
 
-Dispatch: quantised experts always take the "grouped" dispatch of ``mhmoe.layers.moe`` (their
-``resolve_implementation`` says so): the fused CPU "blocked" path reads the raw stacked weights
-inside one autograd Function, where no quantiser could act.
+Dispatch: quantised experts run their own forward through the "grouped" dispatch backend of
+``mhmoe.layers.moe`` (or the "reference" loop through ``forward_one``); the dispatch's one guard,
+``mhmoe.layers.experts.select_backend``, keeps every experts module that overrides ``forward``
+off the backends that read the raw stacked weights (the fused CPU "blocked" path, where no
+quantiser could act).
 
 state_dict keys stay those of the full-precision model; the only additions are the inner norm
 gains: ``<linear>.norm.weight`` (I,), ``<experts>.input_norm.weight`` (S,) and
@@ -78,25 +80,6 @@ from mhmoe.layers.routing import RouterOutput, TopKRouter, route_logits
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "WEIGHT_EPS",
-    "ACTIVATION_EPS",
-    "BitExperts",
-    "BitLinear",
-    "BitNetConfig",
-    "BitRouter",
-    "RMSNorm",
-    "apply_bitnet",
-    "activation_quant",
-    "activation_quant_codes",
-    "bitnet_modules",
-    "straight_through",
-    "to_bitnet",
-    "two_stage_lambdas",
-    "two_stage_schedule",
-    "weight_quant",
-    "weight_quant_codes",
-]
 
 WEIGHT_EPS = 1e-5
 """eps of the absmean weight quantiser (the FAQ's clamp value)."""
@@ -292,21 +275,6 @@ class _BitExpertsMath:
 
     def quantized_weights(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def resolve_implementation(self, x: torch.Tensor, rows_per_expert: float | None = None) -> str:
-        """Always "grouped": ``moe_dispatch`` then calls ``forward`` below.
-
-        The fused CPU "blocked" path of ``mhmoe.layers.moe`` reads the raw stacked weights and
-        keeps the hidden activations inside one autograd Function, where neither the weight nor
-        the activation quantisers can act, so quantised experts never take it.
-        """
-        requested = getattr(self, "implementation", None)
-        if requested not in (None, "grouped"):
-            raise ValueError(
-                f"implementation={requested!r}: quantised experts run only the 'grouped' "
-                "implementation (the fused 'blocked' path bypasses the quantisers)"
-            )
-        return "grouped"
 
     def _hidden(self, x_q: torch.Tensor, mm, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.activation == "swiglu":

@@ -1,5 +1,5 @@
 """Packed ternary inference: 2-bit weights in safetensors, loaded into layers that reproduce the
-BitNet training-time forward (``mhmoe.quant``) exactly.
+BitNet training-time forward (``mhmoe.bitnet``) exactly.
 
 Format (``FORMAT`` = "mhmoe-ternary", version 1), one directory:
 
@@ -257,11 +257,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _model_description(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
-    bitnet = getattr(model, "bitnet_config", None)
+    bitnet = getattr(config, "bitnet", None)
     return {
         "model_type": type(model).__name__,
         "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
-        "bitnet": bitnet.to_dict() if hasattr(bitnet, "to_dict") else None,
+        "bitnet": bitnet.to_dict() if bitnet is not None else None,
     }
 
 
@@ -315,7 +315,7 @@ def export_ternary(
     dtype: torch.dtype | str = torch.float32,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``model`` (converted with ``mhmoe.quant.to_bitnet``) as packed ternary weights.
+    """Write ``model`` (converted with ``mhmoe.bitnet.convert.to_bitnet``) as packed ternary weights.
 
     ``dtype``: storage dtype of the full-precision tensors (embeddings, LM head, norms...);
     float32 keeps the packed model's logits bit-identical to the fake-quant model's.
@@ -329,7 +329,7 @@ def export_ternary(
     if not quantized:
         raise ValueError(
             "model has no BitNet module (BitLinear/BitExperts/BitRouter): convert it with "
-            "mhmoe.quant.to_bitnet and train it before a ternary export"
+            "mhmoe.bitnet.convert.to_bitnet and train it before a ternary export"
         )
     manifest_modules: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -506,9 +506,9 @@ def load_ternary(
         raise ValueError(f"tensors not in the export stay uninitialised: {leftover[:10]}")
     for p in model.parameters():
         p.requires_grad_(False)
-    if manifest.get("bitnet") is not None:
-
-        model.bitnet_config = BitNetConfig.from_dict(manifest["bitnet"])
+    if manifest.get("bitnet") is not None and isinstance(getattr(model, "config", None), ModelConfig):
+        # Exports written before the options moved into the model config.
+        model.config = model.config.replace(bitnet=BitNetConfig.from_dict(manifest["bitnet"]))
     return model.to(device).eval()
 
 

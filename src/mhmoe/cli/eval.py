@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mhmoe.cli.train import collect_eval_specs, eval_spec, positive_int
+from mhmoe.cli.options import eval_spec, positive_int
+from mhmoe.data.splits import parse_eval_specs
 from mhmoe.evaluate import evaluate_run
 
 
@@ -38,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
 
-    specs = collect_eval_specs(args.eval)
+    specs = parse_eval_specs(args.eval)
     step, results = evaluate_run(
         args.run_dir, specs or None, step=args.step, max_tokens=args.eval_tokens,
         batch_size=args.batch_size, device=args.device,

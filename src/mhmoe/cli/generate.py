@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mhmoe.cli import CLIError
-from mhmoe.cli.train import non_negative_float, non_negative_int, positive_int
+from mhmoe.cli.options import non_negative_float, non_negative_int, positive_int
 from mhmoe.hf import export as hf_export
 from mhmoe.runs.checkpoint import CONFIG_FILE
 from mhmoe.runs.checkpoint import read_run_config

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mhmoe.cli.train import (
+from mhmoe.cli.options import (
     add_data_arguments,
     add_training_arguments,
     non_negative_int,

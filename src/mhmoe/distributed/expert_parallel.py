@@ -5,18 +5,20 @@ SMoE) on this rank, S unit size, E experts in the layer, K top-k, P = ep ranks i
 L = E / P experts held locally, R rows kept after capacity (sorted by expert), Q rows received
 from all ranks for the local experts.
 
-The dispatch is the single-process ``moe_dispatch`` with the grouped matmul moved to the
-ranks that own the experts, in the manner of torchtitan's ``ExpertParallel``:
+The layer's dispatch is the single-process ``moe_dispatch`` (route, capacity rule, sort by
+expert, losses: the router is replicated) with ``ExpertParallelDispatch`` installed as its
+compute step, which moves the grouped matmul to the ranks that own the experts, in the manner
+of torchtitan's ``ExpertParallel``. Of the "grouped" backend it keeps the gather, the experts'
+forward and the combine, and puts the all-to-alls between them:
 
-1. route the local units (the router is replicated), apply the capacity rule on the local
-   assignments and sort them by expert, exactly as ``moe_dispatch`` does; rows for experts
-   [p*L, (p+1)*L) form the contiguous block that goes to rank p;
+1. the rows sorted by expert are gathered, so rows for experts [p*L, (p+1)*L) form the
+   contiguous block that goes to rank p;
 2. exchange the per-expert row counts (an all-to-all of E integers), then the rows themselves
    (``all_to_all_single``, autograd-aware: its backward is the reverse all-to-all);
 3. the received rows arrive grouped by source rank; reorder them by local expert (stable, so
-   each expert sees source 0's rows first) and run the local ``Experts`` grouped matmul;
+   each expert sees source 0's rows first) and run the local ``Experts`` forward;
 4. undo the reorder, send the results back by the reverse all-to-all, and combine with the
-   router weights, as ``moe_dispatch`` does.
+   router weights.
 
 MH-MoE needs nothing special: its sub-tokens are the routed units, so they are what travels.
 
@@ -32,7 +34,6 @@ need to avoid deadlock.
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -40,11 +41,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mhmoe.layers.experts import Experts
-from mhmoe.layers.moe import MoEAux, combine_assignments, routing_aux, sort_assignments
-from mhmoe.layers.routing import TopKRouter
+from mhmoe.layers.moe import combine_assignments, gather_units
 from mhmoe.layers.mh_moe import MHMoE
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPERT_WEIGHT_NAMES",
@@ -134,9 +132,10 @@ def check_expert_parallel(model: nn.Module, ep: int) -> None:
 
 
 class ExpertParallelDispatch:
-    """EP replacement for ``moe_dispatch``: ``(x_NS, router, experts, capacity_factor) ->
-    (y_NS, MoEAux)``, with ``experts`` holding this rank's L = E / P experts
-    (``experts.w1`` is (L, F, S); the router is the full E-way router).
+    """The expert-parallel compute step of ``moe_dispatch`` (``DispatchCompute``):
+    ``(x_NS, weights_NK, kept_order_R, kept_counts_E, experts) -> y_NS``, with ``experts``
+    holding this rank's L = E / P experts (``experts.w1`` is (L, F, S)) and kept_counts_E the
+    rows per expert of all E (the router is the full E-way router).
 
     ``group``: the expert-parallel process group; rank p of it owns experts [p*L, (p+1)*L).
     """
@@ -152,13 +151,13 @@ class ExpertParallelDispatch:
     def __call__(
         self,
         x_NS: torch.Tensor,
-        router: TopKRouter,
-        experts: Experts,
-        capacity_factor: float | None = None,
-    ) -> tuple[torch.Tensor, MoEAux]:
-        num_units, d_unit = x_NS.shape
-        num_experts, top_k = router.num_experts, router.top_k
-        sources = self.ep_size
+        weights_NK: torch.Tensor,
+        kept_order_R: torch.Tensor,
+        kept_counts_E: torch.Tensor,
+        experts: nn.Module,
+    ) -> torch.Tensor:
+        d_unit = x_NS.shape[1]
+        num_experts, sources = kept_counts_E.numel(), self.ep_size
         local_experts = experts.w1.shape[0]
         if local_experts * sources != num_experts:
             raise RuntimeError(
@@ -166,13 +165,8 @@ class ExpertParallelDispatch:
                 f"holds {local_experts} of them over {sources} ranks; shard the model with "
                 "mhmoe.distributed.parallelize"
             )
-
-        # 1. Route and sort locally, exactly as moe_dispatch does.
-        route = router(x_NS)
-        kept_order_R, kept_counts_E, tokens_per_expert_E = sort_assignments(
-            route.expert_ids_NK, num_experts, capacity_factor
-        )
-        x_RS = x_NS[kept_order_R // top_k]  # rows sorted by expert, so sorted by owner rank
+        # 1. Rows sorted by expert, so sorted by owner rank.
+        x_RS = gather_units(x_NS, kept_order_R, weights_NK.shape[1])
 
         # 2. Counts first (the receiver must size its buffers), then the rows.
         send_counts_E = kept_counts_E.to(torch.int64)
@@ -209,8 +203,7 @@ class ExpertParallelDispatch:
         inverse_Q[order_Q] = torch.arange(order_Q.numel(), device=order_Q.device)
         y_QS = y_local_QS[inverse_Q]
         y_RS = all_to_all_single_autograd(y_QS, input_splits, output_splits, self.group)
-        y_NS = combine_assignments(y_RS, kept_order_R, route.weights_NK)
-        return y_NS, routing_aux(route, tokens_per_expert_E, kept_order_R.numel(), capacity_factor)
+        return combine_assignments(y_RS, kept_order_R, weights_NK)
 
 
 def shard_experts(experts: Experts, ep_size: int, ep_rank: int) -> None:
@@ -231,18 +224,6 @@ def shard_experts(experts: Experts, ep_size: int, ep_rank: int) -> None:
     experts.num_experts = local
 
 
-def install_dispatch(layer: nn.Module, dispatch) -> None:
-    """Make MoE ``layer`` route through ``dispatch`` instead of ``moe_dispatch``.
-
-    Uses the layer's ``dispatch_fn`` attribute when it has one; otherwise binds ``forward``
-    on the instance to ``_forward(x, dispatch)`` (``MHMoE._forward`` takes the dispatch
-    function as its argument for exactly this purpose).
-    """
-    if hasattr(layer, "dispatch_fn"):
-        layer.dispatch_fn = dispatch
-        return
-
-    def forward(x: torch.Tensor, _layer=layer, _dispatch=dispatch):
-        return _layer._forward(x, _dispatch)
-
-    layer.forward = forward  # instance attribute: nn.Module.__call__ looks it up first
+def install_dispatch(layer: MHMoE, dispatch: ExpertParallelDispatch) -> None:
+    """Make MoE ``layer`` run ``dispatch`` as the compute step of its ``moe_dispatch``."""
+    layer.dispatch_backend = dispatch

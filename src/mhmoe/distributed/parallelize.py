@@ -52,8 +52,6 @@ from mhmoe.distributed.runtime import DistContext
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParallelModel", "clip_grad_norm_", "parallelize"]
-
 
 @dataclass
 class ParallelModel:
@@ -111,7 +109,6 @@ class ParallelModel:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the whole (sharded) model; see the function."""
         return clip_grad_norm_(self, max_norm)
-
 
 
 def _broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:

@@ -30,14 +30,6 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "DP_MODES",
-    "DistContext",
-    "ParallelConfig",
-    "init_distributed",
-    "main_rank_first",
-    "shutdown_distributed",
-]
 
 DP_MODES = ("ddp", "fsdp")
 

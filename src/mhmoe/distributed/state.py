@@ -30,15 +30,6 @@ from mhmoe.runs import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "full_model_state_dict",
-    "full_optimizer_state_dict",
-    "load_checkpoint",
-    "load_full_model_state_dict",
-    "load_full_optimizer_state_dict",
-    "save_checkpoint",
-]
-
 
 def _is_dtensor(tensor: Any) -> bool:
     from torch.distributed.tensor import DTensor

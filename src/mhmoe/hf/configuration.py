@@ -4,7 +4,7 @@ It carries the fields of ``mhmoe.model.ModelConfig`` under Hugging Face names wh
 exists (``mhmoe.hf.export.HF_NAMES``: d_model -> hidden_size, num_layers -> num_hidden_layers,
 max_seq_len -> max_position_embeddings, tie_embeddings -> tie_word_embeddings, norm_eps ->
 rms_norm_eps) and under their own names otherwise (dense_ffn, moe_ffn, moe_every, rope_theta,
-load_balancing_weight, z_loss_weight), plus ``bitnet`` (the ``mhmoe.quant.BitNetConfig``
+load_balancing_weight, z_loss_weight), plus ``bitnet`` (the ``mhmoe.config.BitNetConfig``
 dict of a BitNet model, None for full precision) and ``output_router_logits``.
 
 The config is validated on creation through ``ModelConfig`` (ValueError naming the value and
@@ -22,8 +22,6 @@ from transformers import AutoConfig, PreTrainedConfig
 from mhmoe.hf.export import HF_NAMES, model_config_from_hf
 from mhmoe.hf.export import MODEL_TYPE
 from mhmoe.config import ModelConfig
-
-__all__ = ["MHMoEConfig"]
 
 
 class MHMoEConfig(PreTrainedConfig):
@@ -111,11 +109,11 @@ class MHMoEConfig(PreTrainedConfig):
 
     @classmethod
     def from_model_config(
-        cls, model_config: ModelConfig, *, bitnet: dict[str, Any] | None = None, **kwargs: Any
+        cls, model_config: ModelConfig, **kwargs: Any
     ) -> "MHMoEConfig":
         """An MHMoEConfig for a ``ModelConfig`` (``kwargs``: token ids, dtype, ...)."""
         fields = {HF_NAMES.get(name, name): value for name, value in model_config.to_dict().items()}
-        return cls(**fields, bitnet=bitnet, **kwargs)
+        return cls(**fields, **kwargs)
 
 
 # Importing this module is enough for AutoConfig (mhmoe.hf.modeling registers the models).

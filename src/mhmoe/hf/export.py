@@ -54,34 +54,10 @@ from mhmoe.model import TransformerLM
 from mhmoe.version import __version__
 from mhmoe.runs.checkpoint import load_run, resolve_checkpoint
 from mhmoe.data import load_tokenizer
-from mhmoe.bitnet.convert import apply_bitnet
 from mhmoe.bitnet.convert import bitnet_modules
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CONFIG_FILE",
-    "EXPORT_FORMAT",
-    "ExportError",
-    "GENERATION_CONFIG_FILE",
-    "HF_NAMES",
-    "MODEL_TYPE",
-    "REQUIRED_FILES",
-    "TOKENIZER_CONFIG_FILE",
-    "TOKENIZER_FILE",
-    "WEIGHTS_FILE",
-    "bitnet_options",
-    "build_lm",
-    "check_export_dir",
-    "export_hf",
-    "export_model",
-    "hf_config_dict",
-    "hf_state_dict",
-    "is_export_dir",
-    "load_hf_export",
-    "mhmoe_state_dict",
-    "model_config_from_hf",
-]
 
 EXPORT_FORMAT = "mhmoe-hf/1"
 MODEL_TYPE = "mhmoe"
@@ -127,15 +103,13 @@ class ExportError(ValueError):
 def hf_config_dict(
     model_config: ModelConfig,
     *,
-    bitnet: Mapping[str, Any] | None = None,
     eot_id: int | None = None,
     dtype: str = "float32",
     export_info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """config.json of an export: ``model_config`` under Hugging Face names plus HF metadata.
 
-    ``bitnet``: the ``BitNetConfig.to_dict()`` of a BitNet model (None: full precision);
-    ``eot_id``: the id of ``<|endoftext|>`` (bos = eos = pad).
+    ``model_config.bitnet`` is written as "bitnet" (None: full precision); ``eot_id``: the id of ``<|endoftext|>`` (bos = eos = pad).
     """
     data: dict[str, Any] = {
         "architectures": [ARCHITECTURE],
@@ -145,7 +119,6 @@ def hf_config_dict(
         data[HF_NAMES.get(name, name)] = value
     data.update(
         {
-            "bitnet": None if bitnet is None else dict(bitnet),
             "bos_token_id": eot_id,
             "eos_token_id": eot_id,
             "pad_token_id": eot_id,
@@ -239,20 +212,6 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-
-
-def bitnet_options(model: torch.nn.Module) -> dict[str, Any] | None:
-    """The ``BitNetConfig`` dict of a BitNet-converted model, None for a full-precision one."""
-    config = getattr(model, "bitnet_config", None)
-    quantised = bitnet_modules(model)
-    if not quantised:
-        return None
-    if config is None or not hasattr(config, "to_dict"):
-        raise ExportError(
-            f"the model has BitNet modules ({quantised[:3]}...) but no bitnet_config: the export "
-            "could not record how to rebuild it (convert with mhmoe.quant.to_bitnet / apply_bitnet)"
-        )
-    return config.to_dict()
 
 
 def _tokenizer_files(tokenizer: Any, model_config: ModelConfig) -> tuple[str, dict[str, Any], int]:
@@ -351,12 +310,18 @@ def export_model(
         raise ExportError(f"model of type {type(model).__name__}: must be an mhmoe.model.TransformerLM")
     out = Path(out)
     model_config = model.config
-    bitnet = bitnet_options(model)
+    bitnet = model_config.bitnet
+    if bitnet is None and bitnet_modules(model):
+        raise ExportError(
+            f"the model has BitNet modules ({bitnet_modules(model)[:3]}...) but model.config.bitnet "
+            "is None: the export could not record how to rebuild it (convert the TransformerLM "
+            "itself with mhmoe.bitnet.convert.to_bitnet, or build it from a config with bitnet set)"
+        )
     tokenizer_json, tokenizer_config, eot_id = _tokenizer_files(tokenizer, model_config)
     dtype_name = _dtype_name(dtype)
 
     info = {"format": EXPORT_FORMAT, "mhmoe_version": __version__, **(dict(source or {}))}
-    config = hf_config_dict(model_config, bitnet=bitnet, eot_id=eot_id, dtype=dtype_name, export_info=info)
+    config = hf_config_dict(model_config, eot_id=eot_id, dtype=dtype_name, export_info=info)
     generation_config = {
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
@@ -471,14 +436,6 @@ def check_export_dir(path: str | os.PathLike, required: tuple[str, ...] = REQUIR
     return config
 
 
-def build_lm(model_config: ModelConfig, bitnet: Mapping[str, Any] | None = None) -> TransformerLM:
-    """A TransformerLM for ``model_config``, BitNet-converted with the stored options if any."""
-    model = TransformerLM(model_config)
-    if bitnet:
-        model = apply_bitnet(model, dict(bitnet))
-    return model
-
-
 def load_hf_export(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[TransformerLM, Any, dict[str, Any]]:
@@ -491,7 +448,7 @@ def load_hf_export(
     path = Path(path)
     config = check_export_dir(path)
     model_config = model_config_from_hf(config)
-    model = build_lm(model_config, config.get("bitnet"))
+    model = TransformerLM(model_config)
     tensors = mhmoe_state_dict(safetensors_load_file(str(path / WEIGHTS_FILE)))
     if model_config.tie_embeddings:
         tensors.pop("lm_head.weight", None)

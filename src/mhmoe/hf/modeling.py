@@ -4,7 +4,7 @@ Shape legend: B batch, T new tokens, D d_model, H MoE heads (sub-tokens per toke
 K top-k, V vocabulary.
 
 The modules are those of ``mhmoe.model.TransformerLM`` (built by it, BitNet-converted by
-``mhmoe.quant.apply_bitnet`` with the options stored in the config, then adopted), laid out
+``mhmoe.bitnet.convert.apply_bitnet`` with the options stored in the config, then adopted), laid out
 under the usual Hugging Face names::
 
     model.embed_tokens   <- TransformerLM.embed
@@ -20,7 +20,7 @@ it reproduces ``TransformerLM.forward`` bit for bit.
 Loss (``labels`` given): next-token cross-entropy in float32, labels shifted inside, -100
 ignored, averaged over the counted tokens (or divided by ``num_items_in_batch`` when the
 Trainer passes it); plus the model's auxiliary loss ``w_lb * mean_l L_lb + w_z * mean_l L_z``
-(the training objective of ``mhmoe.train``) whenever routing outputs are on: by default in
+(the training objective of ``mhmoe.training``) whenever routing outputs are on: by default in
 training mode, or with ``output_router_logits=True``.
 
 Routing outputs (``output_router_logits=True``): one entry per MoE layer, in block order:
@@ -48,7 +48,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from mhmoe.hf.configuration import MHMoEConfig
 from mhmoe.decoding import decoder_forward
 from mhmoe.hf.export import MODEL_TYPE, WEIGHTS_FILE
-from mhmoe.hf.export import bitnet_options, build_lm, hf_state_dict, mhmoe_state_dict
+from mhmoe.hf.export import hf_state_dict, mhmoe_state_dict
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.mh_moe import MHMoE
 from mhmoe.layers.routing import TopKRouter
@@ -56,14 +56,6 @@ from mhmoe.model import TransformerLM
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "MHMoECausalLMOutputWithPast",
-    "MHMoEForCausalLM",
-    "MHMoEModel",
-    "MHMoEModelOutputWithPast",
-    "MHMoEPreTrainedModel",
-    "causal_lm_loss",
-]
 
 # transformers renamed the cache argument/field from `past_key_values` to `cache` during 5.x.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -222,7 +214,7 @@ class MHMoEModel(MHMoEPreTrainedModel):
     def __init__(self, config: MHMoEConfig, lm: TransformerLM | None = None) -> None:
         super().__init__(config)
         if lm is None:
-            lm = build_lm(config.to_model_config(), config.bitnet)
+            lm = TransformerLM(config.to_model_config())
         known = {"embed", "rotary", "blocks", "final_norm", "lm_head"}
         unknown = sorted(name for name, _ in lm.named_children() if name not in known)
         if unknown:
@@ -325,7 +317,7 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MHMoEConfig) -> None:
         super().__init__(config)
-        lm = build_lm(config.to_model_config(), config.bitnet)
+        lm = TransformerLM(config.to_model_config())
         self.model = MHMoEModel(config, lm)
         self.vocab_size = config.vocab_size
         # Untied: the LM's own head (BitNet-converted if the options say so). Tied: a Linear that
@@ -426,7 +418,7 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
 
         ``config_kwargs`` go to ``MHMoEConfig`` (e.g. bos/eos/pad token ids).
         """
-        config = MHMoEConfig.from_model_config(lm.config, bitnet=bitnet_options(lm), **config_kwargs)
+        config = MHMoEConfig.from_model_config(lm.config, **config_kwargs)
         model = cls(config)
         tensors = hf_state_dict(lm)
         if config.tie_word_embeddings:
@@ -436,7 +428,7 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
 
     def to_mhmoe(self) -> TransformerLM:
         """A TransformerLM (mhmoe's own model) with a copy of these weights."""
-        lm = build_lm(self.config.to_model_config(), self.config.bitnet)
+        lm = TransformerLM(self.config.to_model_config())
         tensors = mhmoe_state_dict(self.state_dict())
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)

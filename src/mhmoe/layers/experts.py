@@ -7,32 +7,37 @@ Weights are stacked 3-D tensors with Mixtral names, in nn.Linear layout per expe
     w1_EFS, w3_EFS (gate and up, SwiGLU only w3), w2_ESF (down).
 SwiGLU expert: w2( silu(w1 x) * (w3 x) );  ReLU expert: w2( relu(w1 x) ).
 
-Two ways to run the experts over rows sorted by expert (``Experts.implementation``):
+The dispatch backends of ``mhmoe.layers.moe`` run them over rows sorted by expert; the
+registry (``DISPATCH_BACKENDS``) and the choice per call (``select_backend``) live here, next to
+the math the two fast backends use:
 
-* ``"grouped"``: ``grouped_mm`` is the one override point for the grouped matmul. It uses
-  ``torch._grouped_mm`` where the running torch supports it for the device and dtype (CPU in
-  torch >= 2.9 and CUDA sm90+, float32/bfloat16/float16), and otherwise a segment loop of plain
-  matmuls (float64, older torch). Autograd records every op; the whole (M, F) hidden
-  activations are materialised and saved (gate and up in one grouped matmul against
-  ``cat(w1, w3)``). Used on GPUs, under ``torch.compile``, and on CPU when the experts get
-  few rows each (``BLOCKED_MIN_ROWS_PER_EXPERT``), where it issues far fewer ops.
+* ``"grouped"``: ``Experts.forward``, where ``grouped_mm`` is the one override point for the
+  grouped matmul. It uses ``torch._grouped_mm`` where the running torch supports it for the
+  device and dtype (CPU in torch >= 2.9 and CUDA sm90+, float32/bfloat16/float16), and otherwise
+  a segment loop of plain matmuls (float64, older torch). Autograd records every op; the whole
+  (M, F) hidden activations are materialised and saved (gate and up in one grouped matmul
+  against ``cat(w1, w3)``). Used on GPUs, under ``torch.compile``, for experts with their own
+  forward (BitNet), and on CPU when the experts get few rows each
+  (``Experts.blocked_min_rows_per_expert``), where it issues far fewer ops.
 * ``"blocked"``: expert by expert, the up projection(s), activation and down projection run on
   one block of rows while it is in cache (``block_forward`` / ``block_backward``), gate and up
   fused into one matmul against ``cat(w1, w3)`` (E, 2F, S). The hidden pre-activations are
-  kept for backward only while they are small (``SAVE_HIDDEN_MAX_BYTES``); above that they are
-  recomputed in backward (one extra up-projection matmul), which on CPU is cheaper than
-  writing them to memory and reading them back. The caller
-  (``mhmoe.layers.moe``) wraps it in one autograd Function with the gather and the combine.
-  On CPU with many rows per expert this is the fast path: element-wise SwiGLU work on an
-  in-cache block runs ~5x faster than over the whole (M, F) tensor, and the matmuls see the
-  same shapes as ``_grouped_mm`` (which on CPU is itself a loop of per-expert matmuls).
+  kept for backward only while they are small (``Experts.save_hidden_max_bytes``); above that
+  they are recomputed in backward (one extra up-projection matmul), which on CPU is cheaper than
+  writing them to memory and reading them back. ``mhmoe.layers.moe`` wraps it in one autograd
+  Function with the gather and the combine. On CPU with many rows per expert this is the fast
+  path: element-wise SwiGLU work on an in-cache block runs ~5x faster than over the whole
+  (M, F) tensor, and the matmuls see the same shapes as ``_grouped_mm`` (which on CPU is itself
+  a loop of per-expert matmuls).
 
-Both are tested against the per-expert loop reference (``forward_one``).
+Every backend is tested against the per-expert loop reference (``forward_one``).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -131,17 +136,28 @@ def grouped_mm(
     return segment_mm(x_MS, w_EFS, counts_E)
 
 
-IMPLEMENTATIONS = ("blocked", "grouped")
+DispatchCompute = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, nn.Module], torch.Tensor
+]
+"""Steps 2-4 of ``mhmoe.layers.moe`` (permute, experts, unpermute and combine), one signature
+for every backend: ``compute(x_NS, weights_NK, kept_order_R, kept_counts_E, experts) -> y_NS``
+with kept_order_R the assignment index m = n*K + k of each row sorted by expert and
+kept_counts_E the rows per expert (see ``sort_assignments``)."""
 
-SAVE_HIDDEN_MAX_BYTES = 48 * 2**20
-""""blocked": hidden pre-activations of all experts up to this size are saved for backward;
-larger ones are recomputed there (see the module docstring)."""
 
-BLOCKED_MIN_ROWS_PER_EXPERT = 768
-"""CPU: the mean rows per expert from which "blocked" beats "grouped". Measured (2 threads,
-d_model 192, SMoE and MH-MoE h=3 forward + backward, ``docs/benchmarks.md``): grouped is
-1.1-1.7x faster at 96-256 rows per expert, the two are within 10% at 384-512, blocked is
-1.3-1.9x faster at 768-2048."""
+@dataclass(frozen=True)
+class DispatchBackend:
+    """A registered way to run the experts over the sorted assignments."""
+
+    compute: DispatchCompute
+    # True when compute reads the raw stacked weights instead of calling the experts' forward:
+    # it would bypass the math of experts that bring their own (BitNet's quantised experts).
+    reads_raw_weights: bool = False
+
+
+DISPATCH_BACKENDS: dict[str, DispatchBackend] = {}
+"""Name -> backend, the names ``Experts.implementation`` accepts; ``mhmoe.layers.moe`` registers
+"grouped", "blocked" and "reference"."""
 
 _silu_backward = torch.ops.aten.silu_backward
 _threshold_backward = torch.ops.aten.threshold_backward
@@ -233,6 +249,15 @@ def block_backward(
 class Experts(nn.Module):
     """E experts with stacked weights, applied to rows already sorted by expert."""
 
+    # CPU: the mean rows per expert from which "blocked" beats "grouped". Measured (2 threads,
+    # d_model 192, SMoE and MH-MoE h=3 forward + backward, docs/benchmarks.md): grouped is
+    # 1.1-1.7x faster at 96-256 rows per expert, the two are within 10% at 384-512, blocked is
+    # 1.3-1.9x faster at 768-2048.
+    blocked_min_rows_per_expert: float = 768
+    # "blocked": hidden pre-activations of all experts up to this size are saved for backward;
+    # larger ones are recomputed there (see the module docstring).
+    save_hidden_max_bytes: int = 48 * 2**20
+
     def __init__(
         self, num_experts: int, d_in: int, d_expert: int, activation: str = "swiglu"
     ) -> None:
@@ -247,8 +272,7 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_in, d_expert))
         # None: decide per device/dtype; False forces the segment-loop fallback.
         self.use_grouped_mm: bool | None = None
-        # None: "blocked" on CPU outside torch.compile, else "grouped" (see the module docstring);
-        # "grouped" also whenever use_grouped_mm is set or a subclass overrides forward.
+        # A name in DISPATCH_BACKENDS, or None: chosen per call (``select_backend``).
         self.implementation: str | None = None
         self.reset_parameters()
 
@@ -259,33 +283,8 @@ class Experts(nn.Module):
             nn.init.uniform_(param, -bound, bound)
 
     def resolve_implementation(self, x: torch.Tensor, rows_per_expert: float | None = None) -> str:
-        """The implementation ``moe_dispatch`` uses for input ``x`` (see the module docstring).
-
-        ``implementation`` when set; otherwise "grouped" for subclasses that override
-        ``forward`` (their math must run), when ``use_grouped_mm`` is set explicitly, on GPUs,
-        under ``torch.compile``, and on CPU when the experts get few rows each
-        (``rows_per_expert`` = assignments / experts below ``BLOCKED_MIN_ROWS_PER_EXPERT``:
-        there the blocked path's ~25 small ops per expert cost more than the grouped path's
-        large temporaries); "blocked" on CPU otherwise.
-        """
-        if self.implementation is not None:
-            if self.implementation not in IMPLEMENTATIONS:
-                raise ValueError(
-                    f"implementation={self.implementation!r}: must be one of "
-                    f"{', '.join(IMPLEMENTATIONS)} or None"
-                )
-            return self.implementation
-        if type(self).forward is not Experts.forward:
-            # A subclass with its own math (e.g. BitNet's BitExperts) must run through its
-            # forward; the blocked path reads w1/w3/w2 directly.
-            return "grouped"
-        if self.use_grouped_mm is not None:
-            return "grouped"  # an explicit choice of the grouped path's matmul
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
-            return "grouped"
-        if rows_per_expert is not None and rows_per_expert < BLOCKED_MIN_ROWS_PER_EXPERT:
-            return "grouped"
-        return "blocked"
+        """The backend ``moe_dispatch`` runs these experts with (``select_backend``)."""
+        return select_backend(self, x, rows_per_expert)
 
     def forward(
         self, x_MS: torch.Tensor, offsets_E: torch.Tensor, counts_E: list[int] | None = None
@@ -315,3 +314,37 @@ class Experts(nn.Module):
             f"num_experts={self.num_experts}, d_in={self.d_in}, d_expert={self.d_expert}, "
             f"activation={self.activation!r}"
         )
+
+
+def select_backend(experts: nn.Module, x: torch.Tensor, rows_per_expert: float | None = None) -> str:
+    """The name of the backend ``moe_dispatch`` runs ``experts`` with, for input ``x``.
+
+    ``experts.implementation`` when set; otherwise "grouped" for experts with their own forward,
+    when ``use_grouped_mm`` is set explicitly (a choice of the grouped path's matmul), on GPUs,
+    under ``torch.compile``, and on CPU when the experts get few rows each (``rows_per_expert``
+    = assignments / experts below ``blocked_min_rows_per_expert``: there the blocked path's ~25
+    small ops per expert cost more than the grouped path's large temporaries); "blocked" on CPU
+    otherwise.
+    """
+    # The one guard for experts with their own math (BitExperts, TernaryExperts, any subclass
+    # overriding forward): a backend reading the raw stacked weights would bypass it.
+    own_math = type(experts).forward is not Experts.forward
+    requested = getattr(experts, "implementation", None)
+    if requested is not None:
+        backend = DISPATCH_BACKENDS.get(requested)
+        if backend is None:
+            raise ValueError(
+                f"implementation={requested!r}: must be one of {', '.join(DISPATCH_BACKENDS)} or None"
+            )
+        if own_math and backend.reads_raw_weights:
+            allowed = ", ".join(n for n, b in DISPATCH_BACKENDS.items() if not b.reads_raw_weights)
+            raise ValueError(
+                f"implementation={requested!r}: reads the raw stacked weights and would bypass "
+                f"the forward of {type(experts).__name__}; choose one of {allowed} or None"
+            )
+        return requested
+    if own_math or experts.use_grouped_mm is not None or x.device.type != "cpu" \
+            or torch.compiler.is_compiling():
+        return "grouped"
+    few_rows = rows_per_expert is not None and rows_per_expert < experts.blocked_min_rows_per_expert
+    return "grouped" if few_rows else "blocked"

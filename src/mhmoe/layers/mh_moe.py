@@ -7,18 +7,29 @@ N = T * H routed units.
 
 SMoE and fine-grained SMoE are ``MoE``: H = 1 without head and merge layers. Head and merge
 can be switched off one by one (paper Tables 4-5) or added to an H = 1 MoE.
+
+Both layers are built from a ``MoEConfig``: ``MHMoE(config)``. For users, the keyword form
+``MHMoE(d_model, num_heads, num_experts, top_k, d_expert, **fields)`` (``MoE(d_model,
+num_experts, top_k, d_expert, **fields)``) builds that config, with the head and merge layers
+present for ``MHMoE`` and absent for ``MoE`` unless asked otherwise.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.layers.experts import Experts
+from mhmoe.layers.experts import DispatchCompute, Experts
 from mhmoe.layers.feed_forward import FeedForward
 from mhmoe.layers.moe import MoEAux, moe_dispatch, moe_dispatch_reference
 from mhmoe.layers.routing import TopKRouter
+
+Dispatch = Callable[[torch.Tensor, TopKRouter, nn.Module, float | None], tuple[torch.Tensor, MoEAux | None]]
+"""Step 3 as a whole: (units_NS, router, experts, capacity_factor) -> (y_NS, aux or None)."""
 
 
 class MHMoE(nn.Module):
@@ -29,80 +40,54 @@ class MHMoE(nn.Module):
     (E x S x F), ``shared.*`` (a FeedForward on the whole token, when ``shared_d_ff`` is set).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_experts: int,
-        top_k: int,
-        d_expert: int,
-        head_layer: bool = True,
-        merge_layer: bool = True,
-        shared_d_ff: int | None = None,
-        activation: str = "swiglu",
-        bias: bool = False,
-        capacity_factor: float | None = None,
-        normalize_top_k: bool | None = None,
-    ) -> None:
+    # The keyword form (module docstring): its positional order, its defaults over MoEConfig's.
+    positional_fields: tuple[str, ...] = ("d_model", "num_heads", "num_experts", "top_k", "d_expert")
+    keyword_defaults: dict[str, Any] = {"head_layer": True, "merge_layer": True}
+
+    def __init__(self, *args: Any, **fields: Any) -> None:
         super().__init__()
-        self.config = MoEConfig(
-            d_model=d_model,
-            num_experts=num_experts,
-            top_k=top_k,
-            d_expert=d_expert,
-            num_heads=num_heads,
-            head_layer=head_layer,
-            merge_layer=merge_layer,
-            shared_d_ff=shared_d_ff,
-            activation=activation,
-            bias=bias,
-            capacity_factor=capacity_factor,
-            normalize_top_k=normalize_top_k,
-        )
-        self.d_model = d_model
-        self.num_heads = num_heads
-        self.d_sub = d_model // num_heads
-        self.capacity_factor = capacity_factor
-        # The dispatch (x_NS, router, experts, capacity_factor) -> (y_NS, aux): the hook where
-        # mhmoe.distributed installs expert parallelism without touching this module.
-        self.dispatch_fn = moe_dispatch
-        # Step 1, head layer W_head in R^{D x D}. Initialisation after the authors' code:
-        # xavier-uniform, gain 1/sqrt(2) on the head layer.
-        self.head = nn.Linear(d_model, d_model, bias=bias) if head_layer else None
-        if self.head is not None:
-            nn.init.xavier_uniform_(self.head.weight, gain=2**-0.5)
-        self.router = TopKRouter(self.d_sub, num_experts, top_k, normalize_top_k)
-        self.experts = Experts(num_experts, self.d_sub, d_expert, activation)
+        given_config = len(args) == 1 and not fields and isinstance(args[0], MoEConfig)
+        config = args[0] if given_config else self.config_from_fields(*args, **fields)
+        self.config = config
+        self.d_model, self.num_heads, self.d_sub = config.d_model, config.num_heads, config.d_sub
+        self.capacity_factor = config.capacity_factor
+        # Step 3's compute step when one is installed (``mhmoe.distributed`` installs expert
+        # parallelism here); None: a registered backend, chosen per call (``select_backend``).
+        self.dispatch_backend: DispatchCompute | None = None
+        # Step 1, head layer W_head in R^{D x D}; xavier-uniform with gain 1/sqrt(2), after
+        # the authors' code.
+        self.head = _projection(config, config.has_head, gain=2**-0.5)
+        self.router = TopKRouter(self.d_sub, config.num_experts, config.top_k, config.normalize_top_k)
+        self.experts = Experts(config.num_experts, self.d_sub, config.d_expert, config.activation)
         # Step 5, merge layer W_merge in R^{D x D}.
-        self.merge = nn.Linear(d_model, d_model, bias=bias) if merge_layer else None
-        if self.merge is not None:
-            nn.init.xavier_uniform_(self.merge.weight)
-        if self.head is not None and bias:
-            nn.init.zeros_(self.head.bias)
-        if self.merge is not None and bias:
-            nn.init.zeros_(self.merge.bias)
+        self.merge = _projection(config, config.has_merge, gain=1.0)
         self.shared = (
-            FeedForward(d_model, shared_d_ff, activation, bias) if shared_d_ff is not None else None
+            FeedForward(config.d_model, config.shared_d_ff, config.activation, config.bias)
+            if config.shared_d_ff is not None
+            else None
         )
 
     @classmethod
-    def from_config(cls, config: MoEConfig) -> "MHMoE":
-        return cls(
-            d_model=config.d_model,
-            num_heads=config.num_heads,
-            num_experts=config.num_experts,
-            top_k=config.top_k,
-            d_expert=config.d_expert,
-            head_layer=config.has_head,
-            merge_layer=config.has_merge,
-            shared_d_ff=config.shared_d_ff,
-            activation=config.activation,
-            bias=config.bias,
-            capacity_factor=config.capacity_factor,
-            normalize_top_k=config.normalize_top_k,
-        )
+    def config_from_fields(cls, *args: Any, **fields: Any) -> MoEConfig:
+        """The ``MoEConfig`` of the keyword form (module docstring)."""
+        if len(args) > len(cls.positional_fields):
+            raise TypeError(
+                f"{cls.__name__} takes at most {len(cls.positional_fields)} positional arguments "
+                f"({', '.join(cls.positional_fields)}), got {len(args)}"
+            )
+        positional = dict(zip(cls.positional_fields, args))
+        repeated = sorted(positional.keys() & fields.keys())
+        if repeated:
+            raise TypeError(f"{cls.__name__} got {repeated} both by position and by keyword")
+        return MoEConfig(**{**cls.keyword_defaults, **positional, **fields})
 
-    def _forward(self, x: torch.Tensor, dispatch) -> tuple[torch.Tensor, MoEAux]:
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> "MHMoE":
+        return cls(config)
+
+    def forward_with_dispatch(self, x: torch.Tensor, dispatch: Dispatch) -> tuple[torch.Tensor, MoEAux | None]:
+        """The layer around ``dispatch`` as step 3. ``forward`` and ``forward_reference`` pass
+        theirs; the benchmark's peers pass their own MoE cores, which report no aux (None)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(
                 f"input has last dimension {x.shape[-1]}, expected d_model={self.d_model}"
@@ -116,7 +101,8 @@ class MHMoE(nn.Module):
         units_NS = x_hat_TD.reshape(num_tokens * self.num_heads, self.d_sub)
         # Step 3: every sub-token through the same top-k MoE.
         y_NS, aux = dispatch(units_NS, self.router, self.experts, self.capacity_factor)
-        aux.num_heads = self.num_heads
+        if aux is not None:
+            aux.num_heads = self.num_heads
         # Step 4: back to token order and concatenate: (T * H, S) -> (T, D).
         y_TD = y_NS.reshape(num_tokens, self.d_model)
         # Step 5: y = y_hat W_merge.
@@ -128,11 +114,11 @@ class MHMoE(nn.Module):
         return y_TD.reshape(x.shape), aux
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        return self._forward(x, self.dispatch_fn)
+        return self.forward_with_dispatch(x, functools.partial(moe_dispatch, backend=self.dispatch_backend))
 
     def forward_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        """The same layer with the plain per-expert loop dispatch (tests, peer benchmarks)."""
-        return self._forward(x, moe_dispatch_reference)
+        """The same layer with the plain dispatch, ``moe_dispatch_reference`` (tests)."""
+        return self.forward_with_dispatch(x, moe_dispatch_reference)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, capacity_factor={self.capacity_factor}"
@@ -141,38 +127,23 @@ class MHMoE(nn.Module):
 class MoE(MHMoE):
     """Sparse MoE on whole tokens (SMoE, fine-grained SMoE): MH-MoE with H = 1, no head/merge.
 
-    Same forward contract and state_dict keys as ``MHMoE``, without ``head``/``merge``.
+    Same forward contract and state_dict keys as ``MHMoE``, without ``head``/``merge``; its
+    keyword form takes ``MoEConfig``'s order and leaves head and merge out unless asked.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        top_k: int,
-        d_expert: int,
-        num_heads: int = 1,
-        head_layer: bool = False,
-        merge_layer: bool = False,
-        shared_d_ff: int | None = None,
-        activation: str = "swiglu",
-        bias: bool = False,
-        capacity_factor: float | None = None,
-        normalize_top_k: bool | None = None,
-    ) -> None:
-        super().__init__(
-            d_model=d_model,
-            num_heads=num_heads,
-            num_experts=num_experts,
-            top_k=top_k,
-            d_expert=d_expert,
-            head_layer=head_layer,
-            merge_layer=merge_layer,
-            shared_d_ff=shared_d_ff,
-            activation=activation,
-            bias=bias,
-            capacity_factor=capacity_factor,
-            normalize_top_k=normalize_top_k,
-        )
+    positional_fields = ("d_model", "num_experts", "top_k", "d_expert", "num_heads")
+    keyword_defaults = {"head_layer": False, "merge_layer": False}
+
+
+def _projection(config: MoEConfig, present: bool, gain: float) -> nn.Linear | None:
+    """The head or merge layer (D x D): xavier-uniform weight with ``gain``, zero bias."""
+    if not present:
+        return None
+    linear = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+    nn.init.xavier_uniform_(linear.weight, gain=gain)
+    if config.bias:
+        nn.init.zeros_(linear.bias)
+    return linear
 
 
 def build_ffn(config: DenseConfig | MoEConfig) -> nn.Module:
@@ -180,5 +151,5 @@ def build_ffn(config: DenseConfig | MoEConfig) -> nn.Module:
     if isinstance(config, DenseConfig):
         return FeedForward.from_config(config)
     if isinstance(config, MoEConfig):
-        return MHMoE.from_config(config)
+        return MHMoE(config)
     raise TypeError(f"expected DenseConfig or MoEConfig, got {type(config).__name__}")

@@ -1,4 +1,4 @@
-"""The one MoE core: route units top-k, run the experts grouped, combine.
+"""The one MoE core: route units top-k, run the experts on the sorted assignments, combine.
 
 Shape legend: T tokens, D d_model, H heads (sub-tokens per token), S = D / H unit size,
 N = T * H routed units, E experts, K top-k, M = N * K assignments (rows after dispatch),
@@ -7,23 +7,27 @@ F expert hidden size.
 Every variant of the paper (SMoE, fine-grained SMoE, MH-MoE) calls ``moe_dispatch`` on its
 routed units; only what surrounds it differs (``mhmoe.layers.mh_moe``).
 
-Dispatch (dropless by default):
+Dispatch (dropless by default), paper Section 2.1 step 3:
 1. route: weights_NK, ids_NK = top-k of softmax(router(x_NS));
-2. sort the M = N*K (unit, expert) assignments by expert (stable, so unit order is kept inside
-   an expert), gather the rows x_MS in that order;
-3. one grouped matmul per expert weight over the sorted rows;
-4. put the rows back in assignment order and combine: y_n = sum_k w_nk * Expert_{id_nk}(x_n)
-   (paper Section 2.1, step 3).
+2. permute: sort the M = N*K (unit, expert) assignments by expert (stable, so unit order is
+   kept inside an expert; ``sort_assignments``) and gather the rows x_RS in that order;
+3. compute: every expert on its block of rows;
+4. unpermute and combine: y_n = sum_k w_nk * Expert_{id_nk}(x_n).
 
-Steps 2-4 have two implementations (``Experts.implementation``, chosen per call):
+``moe_dispatch`` = route -> ``sort_assignments`` -> backend -> ``routing_aux`` (the losses).
+A backend runs steps 2-4 with one signature, ``compute(x_NS, weights_NK, kept_order_R,
+kept_counts_E, experts) -> y_NS`` (``DispatchCompute``); the registered ones
+(``DISPATCH_BACKENDS``, chosen per call by ``select_backend``) replace only what they must:
 
-* ``"blocked"`` (CPU default): one autograd Function, ``_BlockedDispatch``, for gather +
-  experts + combine. One sort per step serves forward and backward (the permutation is saved).
-  Expert by expert, its rows are gathered from x_NS, go through the expert while in cache and
-  are scatter-added, weighted, into y_NS; backward gathers the rows and output gradient the
-  same way, recomputes the hidden activations and scatter-adds the input gradient. Saved for
-  backward: x_NS, the permutation and the combine weights; nothing of size (M, .).
-* ``"grouped"`` (GPU, ``torch.compile``): plain autograd over index, ``grouped_mm`` and bmm.
+* ``"grouped"``: gather (``gather_units``), the experts' own forward (``grouped_mm``; for
+  BitNet's quantised experts, their quantised math), ``combine_assignments``; plain autograd.
+* ``"blocked"`` (CPU default with many rows per expert): gather + experts + combine as one
+  autograd Function on the raw stacked weights, saving nothing of size (M, .)
+  (``_BlockedDispatch``).
+* ``"reference"``: the experts one by one on their rows (``forward_one``, plain matmuls).
+
+Expert parallelism (``mhmoe.distributed.expert_parallel``) installs its backend on the layer
+(``MHMoE.dispatch_backend``): gather and combine as in "grouped", with all-to-alls between them.
 
 With a capacity factor c (GShard), each expert keeps at most ceil(c * M / E) assignments,
 first choices of every unit before second choices, then in unit order; dropped assignments
@@ -36,9 +40,17 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from mhmoe.layers import experts as _experts
-from mhmoe.layers.experts import Experts, block_backward, block_forward, fused_up_weight
+from mhmoe.layers.experts import (
+    DISPATCH_BACKENDS,
+    DispatchBackend,
+    DispatchCompute,
+    block_backward,
+    block_forward,
+    fused_up_weight,
+    select_backend,
+)
 from mhmoe.layers.routing import RouterOutput, TopKRouter, count_values
 
 
@@ -95,7 +107,8 @@ class _BlockedDispatch(torch.autograd.Function):
 
     Inputs: x_NS (N, S); weights_NK (N, K) combine weights in x's dtype; the expert weights
     (w3 None for ReLU experts); kept_order_R (R,) the assignment index m = n*K + k of each
-    sorted row; counts_E the rows per expert (Python ints, sum R). Output
+    sorted row; counts_E the rows per expert (Python ints, sum R); save_hidden_max_bytes the
+    largest hidden pre-activations kept for backward (``Experts.save_hidden_max_bytes``). Output
     y_NS = sum_k w_nk * Expert_{id_nk}(x_n), dropped assignments contributing zero.
 
     Expert by expert, its rows are gathered (index_select), run through the expert while in
@@ -117,6 +130,7 @@ class _BlockedDispatch(torch.autograd.Function):
         w2_ESF: torch.Tensor,
         kept_order_R: torch.Tensor,
         counts_E: list[int],
+        save_hidden_max_bytes: int,
     ) -> torch.Tensor:
         num_units, d_unit = x_NS.shape
         top_k = weights_NK.shape[1]
@@ -129,7 +143,7 @@ class _BlockedDispatch(torch.autograd.Function):
         units = torch.split(unit_of_row_R, counts_E)
         row_weights = torch.split(weight_of_row_R1, counts_E)
         hidden_bytes = kept_order_R.numel() * w_up_EGS.shape[1] * x_NS.element_size()
-        save_hidden = torch.is_grad_enabled() and hidden_bytes <= _experts.SAVE_HIDDEN_MAX_BYTES
+        save_hidden = torch.is_grad_enabled() and hidden_bytes <= save_hidden_max_bytes
         hidden_per_expert = []
         for expert, count in enumerate(counts_E):
             if count == 0:
@@ -199,37 +213,29 @@ class _BlockedDispatch(torch.autograd.Function):
             grad_w1, grad_w3 = grad_w_up_EGS[:, :d_hidden], grad_w_up_EGS[:, d_hidden:]
         else:
             grad_w1, grad_w3 = grad_w_up_EGS, None
-        return grad_x_NS, grad_weights_NK, grad_w1, grad_w3, grad_w2_ESF, None, None
+        return grad_x_NS, grad_weights_NK, grad_w1, grad_w3, grad_w2_ESF, None, None, None
 
 
 def moe_dispatch(
     x_NS: torch.Tensor,
     router: TopKRouter,
-    experts: Experts,
+    experts: nn.Module,
     capacity_factor: float | None = None,
+    backend: DispatchCompute | None = None,
 ) -> tuple[torch.Tensor, MoEAux]:
-    """Top-k MoE over N routed units: y_n = sum_k G(x_n)_k * Expert_{id_nk}(x_n)."""
-    num_units, d_unit = x_NS.shape
+    """Top-k MoE over N routed units: y_n = sum_k G(x_n)_k * Expert_{id_nk}(x_n).
+
+    ``backend``: the compute step (steps 2-4) to run; None picks a registered one per call.
+    """
     route = router(x_NS)
     num_experts = router.num_experts
-
     kept_order_R, kept_counts_E, tokens_per_expert_E = sort_assignments(
         route.expert_ids_NK, num_experts, capacity_factor
     )
-    rows_per_expert = route.expert_ids_NK.numel() / max(num_experts, 1)
-    if experts.resolve_implementation(x_NS, rows_per_expert) == "blocked":
-        y_NS = _BlockedDispatch.apply(
-            x_NS,
-            route.weights_NK.to(x_NS.dtype),
-            experts.w1,
-            getattr(experts, "w3", None) if experts.activation == "swiglu" else None,
-            experts.w2,
-            kept_order_R,
-            kept_counts_E.tolist(),
-        )
-    else:
-        y_NS = _grouped_dispatch(x_NS, route.weights_NK, experts, kept_order_R, kept_counts_E)
-
+    if backend is None:
+        rows_per_expert = route.expert_ids_NK.numel() / max(num_experts, 1)
+        backend = DISPATCH_BACKENDS[select_backend(experts, x_NS, rows_per_expert)].compute
+    y_NS = backend(x_NS, route.weights_NK, kept_order_R, kept_counts_E, experts)
     return y_NS, routing_aux(route, tokens_per_expert_E, kept_order_R.numel(), capacity_factor)
 
 
@@ -294,71 +300,81 @@ class _GatherUnits(torch.autograd.Function):
     def backward(ctx, grad_RS: torch.Tensor):  # type: ignore[override]
         (kept_order_R,) = ctx.saved_tensors
         grad_MS = unsort_rows(grad_RS.contiguous(), kept_order_R, ctx.num_units * ctx.top_k)
-        d_unit = grad_RS.shape[1]
-        return grad_MS.view(ctx.num_units, ctx.top_k, d_unit).sum(1), None, None
+        grad_NKS = grad_MS.view(ctx.num_units, ctx.top_k, grad_RS.shape[1])  # (M, S) -> (N, K, S)
+        return grad_NKS.sum(1), None, None
 
 
-def _grouped_dispatch(
-    x_NS: torch.Tensor,
-    weights_NK: torch.Tensor,
-    experts: Experts,
-    kept_order_R: torch.Tensor,
-    kept_counts_E: torch.Tensor,
-) -> torch.Tensor:
-    """Steps 2-4 with plain autograd: gather, ``Experts.forward`` (grouped_mm), scatter, bmm."""
-    top_k = weights_NK.shape[1]
-    x_RS = _GatherUnits.apply(x_NS, kept_order_R, top_k)  # gather rows, sorted by expert
+def gather_units(x_NS: torch.Tensor, kept_order_R: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Step 2's gather: x_RS, row r the unit of assignment kept_order_R[r] (``_GatherUnits``)."""
+    return _GatherUnits.apply(x_NS, kept_order_R, top_k)
+
+
+def grouped_compute(x_NS: torch.Tensor, weights_NK: torch.Tensor, kept_order_R: torch.Tensor,
+                    kept_counts_E: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    """"grouped": gather, the experts' own forward (``grouped_mm``), combine; plain autograd."""
+    x_RS = gather_units(x_NS, kept_order_R, weights_NK.shape[1])
     offsets_E = torch.cumsum(kept_counts_E, 0).to(torch.int32)
-    y_RS = experts(x_RS, offsets_E)
-    return combine_assignments(y_RS, kept_order_R, weights_NK)
+    return combine_assignments(experts(x_RS, offsets_E), kept_order_R, weights_NK)
+
+
+def blocked_compute(x_NS: torch.Tensor, weights_NK: torch.Tensor, kept_order_R: torch.Tensor,
+                    kept_counts_E: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    """"blocked": ``_BlockedDispatch`` on the raw stacked weights."""
+    w3_EFS = experts.w3 if experts.activation == "swiglu" else None
+    return _BlockedDispatch.apply(x_NS, weights_NK.to(x_NS.dtype), experts.w1, w3_EFS, experts.w2,
+                                  kept_order_R, kept_counts_E.tolist(), experts.save_hidden_max_bytes)
+
+
+def reference_compute(x_NS: torch.Tensor, weights_NK: torch.Tensor, kept_order_R: torch.Tensor,
+                      kept_counts_E: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    """"reference": expert by expert, its rows through ``forward_one`` (plain matmuls), weighted
+    and added into y_NS: the per-expert loop of HF transformers v4, no grouped matmul."""
+    top_k = weights_NK.shape[1]
+    weights_M = weights_NK.reshape(-1)  # (N, K) -> (M,), m = n * K + k
+    y_NS = x_NS.new_zeros(x_NS.shape)
+    for expert, order_r in enumerate(torch.split(kept_order_R, kept_counts_E.tolist())):
+        if order_r.numel() == 0:
+            continue
+        units_r = order_r // top_k
+        out_rS = experts.forward_one(expert, x_NS[units_r])
+        weight_r1 = weights_M[order_r].to(out_rS.dtype).unsqueeze(1)
+        y_NS = y_NS.index_add(0, units_r, weight_r1 * out_rS)
+    return y_NS
+
+
+DISPATCH_BACKENDS.update(
+    grouped=DispatchBackend(grouped_compute),
+    blocked=DispatchBackend(blocked_compute, reads_raw_weights=True),
+    reference=DispatchBackend(reference_compute),
+)
 
 
 def moe_dispatch_reference(
     x_NS: torch.Tensor,
     router: TopKRouter,
-    experts: Experts,
+    experts: nn.Module,
     capacity_factor: float | None = None,
 ) -> tuple[torch.Tensor, MoEAux]:
-    """Plain per-expert Python loop (the HF transformers v4 pattern), kept for tests.
-
-    Same router, same capacity rule written out as loops; no sorting, no grouped matmul.
-    """
-    num_units, d_unit = x_NS.shape
+    """``moe_dispatch`` written plainly, kept for tests: the same router, the capacity rule as
+    Python loops instead of ``sort_assignments``, then the "reference" backend."""
     route = router(x_NS)
-    num_experts, top_k = router.num_experts, router.top_k
-    ids_NK = route.expert_ids_NK
+    num_units, top_k = route.expert_ids_NK.shape
+    ids_NK = route.expert_ids_NK.tolist()
     capacity = (
-        expert_capacity(capacity_factor, num_units * top_k, num_experts)
+        expert_capacity(capacity_factor, num_units * top_k, router.num_experts)
         if capacity_factor is not None
-        else None
+        else num_units * top_k
     )
-    y_NS = x_NS.new_zeros(num_units, d_unit)
-    kept = 0
-    for expert in range(num_experts):
-        units, ranks = [], []
-        for rank in range(top_k):  # first choices before second choices
-            for unit in range(num_units):
-                if int(ids_NK[unit, rank]) == expert:
-                    units.append(unit)
-                    ranks.append(rank)
-        if capacity is not None:
-            units, ranks = units[:capacity], ranks[:capacity]
-        if not units:
-            continue
-        kept += len(units)
-        unit_index = torch.tensor(units, device=x_NS.device)
-        rank_index = torch.tensor(ranks, device=x_NS.device)
-        out_RS = experts.forward_one(expert, x_NS[unit_index])
-        weight_R1 = route.weights_NK[unit_index, rank_index].to(out_RS.dtype).unsqueeze(1)
-        y_NS = y_NS.index_add(0, unit_index, weight_R1 * out_RS)
-    tokens_per_expert_E = torch.bincount(ids_NK.reshape(-1), minlength=num_experts)
-    aux = MoEAux(
-        # The same router statistics as routing_aux: this reference checks the dispatch; the
-        # router's fused math is checked against the plain formulas in tests/test_layers.py.
-        load_balancing_loss=route.load_balancing_loss_value(tokens_per_expert_E),
-        z_loss=route.z_loss_value(),
-        tokens_per_expert=tokens_per_expert_E,
-        dropped_fraction=torch.tensor(1.0 - kept / max(num_units * top_k, 1)),
-        expert_ids=ids_NK.detach(),
-    )
-    return y_NS, aux
+    kept_order, kept_counts = [], []
+    for expert in range(router.num_experts):
+        # First choices of all units before second choices, each in unit order (GShard).
+        rows = [unit * top_k + rank for rank in range(top_k) for unit in range(num_units)
+                if ids_NK[unit][rank] == expert][:capacity]
+        kept_order += rows
+        kept_counts.append(len(rows))
+    kept_order_R = torch.tensor(kept_order, dtype=torch.int64, device=x_NS.device)
+    y_NS = reference_compute(x_NS, route.weights_NK, kept_order_R, torch.tensor(kept_counts), experts)
+    # The same router statistics as moe_dispatch: this reference checks the dispatch; the
+    # router's fused math is checked against the plain formulas in tests/test_layers.py.
+    tokens_per_expert_E = torch.bincount(route.expert_ids_NK.reshape(-1), minlength=router.num_experts)
+    return y_NS, routing_aux(route, tokens_per_expert_E, len(kept_order), capacity_factor)

@@ -37,7 +37,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mhmoe.config import DenseConfig, FFNConfig, MoEConfig
-from mhmoe.config import ModelConfig, _require_positive_int
+from mhmoe.config import ModelConfig
+from mhmoe import checks
 
 FLOP_CONVENTIONS = ("flops", "paper")
 
@@ -268,35 +269,6 @@ def register_grouped_mm_flop_formula() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-__all__ = [
-    "FLOP_CONVENTIONS",
-    "FlopCount",
-    "ParamCount",
-    "ParityPlan",
-    "PRESET_D_MODEL",
-    "VARIANT_NAMES",
-    "Variant",
-    "active_multiply_adds",
-    "count_flops",
-    "count_params",
-    "deviation_pct",
-    "ffn_params",
-    "flops_parity_d_expert",
-    "grouped_mm_flops",
-    "matmul_cost",
-    "num_matrices",
-    "paper_smoe",
-    "paper_variants",
-    "params_parity_num_experts",
-    "plan_mhmoe",
-    "plan_variants",
-    "preset_smoe",
-    "preset_variants",
-    "register_grouped_mm_flop_formula",
-    "variants_from_smoe",
-]
-
-
 def count_model_params(config: ModelConfig) -> dict[str, int]:
     """Parameters of ``TransformerLM(config)`` by component, analytically.
 
@@ -340,12 +312,12 @@ def count_model_flops(config: ModelConfig, seq_len: int | None = None) -> dict[s
     ``attention_proj``: q, k, v and output projections, 8 d^2 per layer; ``attention_scores``:
     QK^T and AV over a context of ``seq_len`` (default max_seq_len) keys, 4 T d per layer
     (the Kaplan et al. 2020 convention, causal masking not discounted); ``ffn``: every FFN
-    slot's ``mhmoe.parity.count_flops(...).total`` (experts, head/merge, shared expert, router
+    slot's ``mhmoe.planning.counts.count_flops(...).total`` (experts, head/merge, shared expert, router
     and combine); ``output``: 2 d V. Training costs about 3x ``total``.
     """
 
     seq_len = config.max_seq_len if seq_len is None else seq_len
-    _require_positive_int("seq_len", seq_len)
+    checks.positive_int("seq_len", seq_len)
     d = config.d_model
     attention_proj = config.num_layers * 8 * d * d
     attention_scores = config.num_layers * 4 * seq_len * d

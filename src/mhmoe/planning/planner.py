@@ -13,6 +13,7 @@ from fractions import Fraction
 
 from mhmoe.config import MoEConfig
 from mhmoe.planning.counts import count_flops, count_params, num_matrices
+from mhmoe import checks
 
 
 def deviation_pct(value: float, reference: float) -> float:
@@ -22,9 +23,6 @@ def deviation_pct(value: float, reference: float) -> float:
     return 100.0 * (value - reference) / reference
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be a positive integer")
 
 
 def _num_projections(head_layer: bool, merge_layer: bool) -> int:
@@ -52,8 +50,8 @@ def flops_parity_d_expert(
     Fine-grained SMoE (h = 1, no head/merge): d_e' = k d_e / k'.
     ``head_layer``/``merge_layer`` default to ``num_heads > 1``.
     """
-    _check_positive_int("num_heads", num_heads)
-    _check_positive_int("top_k", top_k)
+    checks.positive_int("num_heads", num_heads)
+    checks.positive_int("top_k", top_k)
     head = num_heads > 1 if head_layer is None else head_layer
     merge = num_heads > 1 if merge_layer is None else merge_layer
     n = num_matrices(smoe.activation)
@@ -81,8 +79,8 @@ def params_parity_num_experts(
     With ``include_router=False``, d_moe = 4d, k = 1, h = 3 (d_mhmoe = 3d), this gives the
     paper's E_mhmoe = 4 E_moe - 1.
     """
-    _check_positive_int("num_heads", num_heads)
-    _check_positive_int("d_expert", d_expert)
+    checks.positive_int("num_heads", num_heads)
+    checks.positive_int("d_expert", d_expert)
     d = smoe.d_model
     if d % num_heads != 0:
         raise ValueError(
@@ -196,11 +194,11 @@ def plan_mhmoe(
     """
     if not isinstance(smoe, MoEConfig):
         raise TypeError(f"expected an MoEConfig baseline, got {type(smoe).__name__}")
-    _check_positive_int("num_heads", num_heads)
+    checks.positive_int("num_heads", num_heads)
     k_new = num_heads * smoe.top_k if top_k is None else top_k
-    _check_positive_int("top_k", k_new)
-    _check_positive_int("round_experts", round_experts)
-    _check_positive_int("round_d_expert", round_d_expert)
+    checks.positive_int("top_k", k_new)
+    checks.positive_int("round_experts", round_experts)
+    checks.positive_int("round_d_expert", round_d_expert)
     d = smoe.d_model
     if d % num_heads != 0:
         raise ValueError(

@@ -24,7 +24,8 @@ from typing import Iterable
 
 from mhmoe.config import DenseConfig, FFNConfig, MoEConfig
 from mhmoe.planning.counts import FlopCount, ParamCount, count_flops, count_params
-from mhmoe.planning.planner import ParityPlan, _check_positive_int, plan_mhmoe
+from mhmoe.planning.planner import ParityPlan, plan_mhmoe
+from mhmoe import checks
 
 
 PAPER_VARIANTS = ("dense", "smoe", "fine_grained", "mhmoe_h2", "mhmoe_h3")
@@ -304,7 +305,7 @@ def paper_smoe(
     adds one shared expert as wide as a routed expert (the paper's Table 2). ``options`` go to
     MoEConfig (capacity_factor, normalize_top_k, z_loss).
     """
-    _check_positive_int("d_model", d_model)
+    checks.positive_int("d_model", d_model)
     if d_expert is None:
         if (8 * d_model) % 3 != 0:
             raise ValueError(

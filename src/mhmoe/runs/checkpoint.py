@@ -20,7 +20,7 @@ Layout of a run directory (``mhmoe train --out RUN_DIR``)::
                                   states, finished flag, and the sha256 of the three files above
 
 config.json (``RUN_FORMAT``): ``format``; ``preset``; ``variant`` (canonical name, see
-``mhmoe.presets``) and ``label``; ``model`` (``ModelConfig.to_dict()``: rebuild with
+``mhmoe.planning.variants``) and ``label``; ``model`` (``ModelConfig.to_dict()``: rebuild with
 ``ModelConfig.from_dict``); ``train`` (``TrainConfig.to_dict()``); ``data`` (sources, eval specs,
 byte caps, vocabulary, tokenizer path: how to rebuild the token caches); ``data_dir`` (where the
 caches were); ``tokenizer_sha256``; ``counts`` (analytic parameters, active parameters, FLOPs per
@@ -71,37 +71,9 @@ from mhmoe.runs.atomic import atomic_write_bytes, atomic_write_json, atomic_writ
 from mhmoe.config import ModelConfig
 from mhmoe.model import TransformerLM
 from mhmoe.data import load_tokenizer
-from mhmoe.bitnet.convert import apply_bitnet
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CHECKPOINTS_DIR",
-    "CONFIG_FILE",
-    "CheckpointError",
-    "LATEST_FILE",
-    "METRICS_FILE",
-    "RUN_FORMAT",
-    "TOKENIZER_FILE",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "capture_rng_state",
-    "checkpoint_dir",
-    "clean_incomplete_saves",
-    "find_resume_checkpoint",
-    "has_checkpoints",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_model_weights",
-    "load_optimizer_state",
-    "load_run",
-    "read_checkpoint_state",
-    "read_run_config",
-    "restore_rng_state",
-    "save_checkpoint",
-    "sha256_bytes",
-    "verify_checkpoint",
-]
 
 RUN_FORMAT = "mhmoe-run/1"
 CONFIG_FILE = "config.json"
@@ -400,6 +372,15 @@ def resolve_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     return folder
 
 
+def run_model_config(run_config: dict[str, Any]) -> ModelConfig:
+    """The ``ModelConfig`` of a run's config.json. Runs written before the BitNet options
+    moved into the model config keep them in a top-level "bitnet" section."""
+    model = dict(run_config["model"])
+    if "bitnet" not in model:
+        model["bitnet"] = run_config.get("bitnet")
+    return ModelConfig.from_dict(model)
+
+
 def load_run(
     run_dir: Path | str,
     step: int | None = None,
@@ -413,13 +394,10 @@ def load_run(
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    model_config = ModelConfig.from_dict(config["model"])
     folder = resolve_checkpoint(run_dir, step)
-    model = TransformerLM(model_config)
-    # BitNet runs (``mhmoe train --bitnet``): the same conversion as at training time, so the
+    # BitNet runs (``mhmoe train --bitnet``): the config carries the conversion, so the
     # BitLinear/BitExperts modules and their norm gains exist before the weights are loaded.
-
-    apply_bitnet(model, config.get("bitnet"))
+    model = TransformerLM(run_model_config(config))
     try:
         load_model_weights(folder, model)
     except CheckpointError as err:

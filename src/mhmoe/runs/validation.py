@@ -28,17 +28,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = [
-    "NonFiniteError",
-    "check_free_space",
-    "checkpoint_bytes_estimate",
-    "diagnose_non_finite",
-    "first_non_finite_gradient",
-    "first_non_finite_parameter",
-    "format_value",
-    "probe_writable",
-]
-
 
 class NonFiniteError(FloatingPointError):
     """Training stopped: too many consecutive steps had a non-finite loss or gradient. The

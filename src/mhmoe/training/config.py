@@ -9,12 +9,11 @@ load-balancing weight): AdamW with betas (0.9, 0.98), weight decay 0.01, gradien
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from mhmoe.config import _check_fields
 from mhmoe.runtime import DEVICES_HELP, PRECISIONS
+from mhmoe import checks
 
 
 # TrainConfig fields that may differ when a run is resumed (they do not change the results).
@@ -24,24 +23,8 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be a positive integer" + (" or None" if allow_none else ""))
 
 
-def _number(name: str, value: Any, *, low: float, high: float | None = None,
-            low_inclusive: bool = True, high_inclusive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}: must be a finite number")
-    ok = value >= low if low_inclusive else value > low
-    if high is not None:
-        ok = ok and (value <= high if high_inclusive else value < high)
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        hi = "" if high is None else (f"{high}]" if high_inclusive else f"{high})")
-        raise ValueError(f"{name}={value!r}: must be in {lo}{low}, {hi or 'inf)'}")
 
 
 SCHEDULES = ("polynomial", "cosine", "constant", "two-stage")
@@ -90,11 +73,10 @@ class TrainConfig:
             object.__setattr__(self, "eval_fractions", tuple(self.eval_fractions))
         for name in ("total_steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every",
                      "max_skipped_steps"):
-            _positive_int(name, getattr(self, name))
+            checks.positive_int(name, getattr(self, name))
         for name in ("micro_batch_size", "eval_every", "eval_tokens", "save_every", "threads"):
-            _positive_int(name, getattr(self, name), allow_none=True)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r}: must be a non-negative integer")
+            checks.positive_int(name, getattr(self, name), allow_none=True)
+        checks.non_negative_int("warmup_steps", self.warmup_steps)
         if self.warmup_steps >= self.total_steps and self.total_steps > 1:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps}: must be less than the {self.total_steps} training steps"
@@ -103,19 +85,18 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size={self.batch_size}: must be a multiple of micro_batch_size={self.micro_batch_size}"
             )
-        _number("lr", self.lr, low=0, low_inclusive=False)
-        _number("end_lr", self.end_lr, low=0)
+        checks.number("lr", self.lr, low=0, low_inclusive=False)
+        checks.number("end_lr", self.end_lr, low=0)
         if self.end_lr > self.lr:
             raise ValueError(f"end_lr={self.end_lr}: must not exceed lr={self.lr}")
-        _number("power", self.power, low=0, low_inclusive=False)
-        _number("beta1", self.beta1, low=0, high=1, high_inclusive=False)
-        _number("beta2", self.beta2, low=0, high=1, high_inclusive=False)
-        _number("adam_eps", self.adam_eps, low=0, low_inclusive=False)
-        _number("weight_decay", self.weight_decay, low=0)
+        checks.number("power", self.power, low=0, low_inclusive=False)
+        checks.number("beta1", self.beta1, low=0, high=1, high_inclusive=False)
+        checks.number("beta2", self.beta2, low=0, high=1, high_inclusive=False)
+        checks.number("adam_eps", self.adam_eps, low=0, low_inclusive=False)
+        checks.number("weight_decay", self.weight_decay, low=0)
         if self.clip_grad_norm is not None:
-            _number("clip_grad_norm", self.clip_grad_norm, low=0, low_inclusive=False)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r}: must be a non-negative integer")
+            checks.number("clip_grad_norm", self.clip_grad_norm, low=0, low_inclusive=False)
+        checks.non_negative_int("seed", self.seed)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -123,7 +104,7 @@ class TrainConfig:
         if not isinstance(self.eval_fractions, tuple):
             raise ValueError(f"eval_fractions={self.eval_fractions!r}: must be a list of numbers in (0, 1]")
         for fraction in self.eval_fractions:
-            _number("eval_fractions", fraction, low=0, high=1, low_inclusive=False)
+            checks.number("eval_fractions", fraction, low=0, high=1, low_inclusive=False)
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device={self.device!r}: must be {DEVICES_HELP}")
 
@@ -163,5 +144,5 @@ class TrainConfig:
 
         if not isinstance(data, dict):
             raise ValueError(f"training config {data!r}: must be a JSON object")
-        _check_fields("training config", cls, data)
+        checks.known_fields("training config", cls, data)
         return cls(**data)

@@ -49,9 +49,10 @@ from mhmoe.runs import checkpoint as ckpt
 from mhmoe.runs.metrics import MetricsLog, NullMetrics, tensorboard_available
 from mhmoe.runs.validation import NonFiniteError, describe_diagnosis, diagnose_non_finite, format_value
 from mhmoe.runtime import autocast_context, available_cores, default_threads, resolve_device, resolve_precision
-from mhmoe.training.config import TrainConfig, _positive_int
+from mhmoe.training.config import TrainConfig
 from mhmoe.training.schedules import learning_rate, weight_decay_at
 from mhmoe.distributed import save_checkpoint
+from mhmoe import checks
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def train_loop(
     device = context.device
     autocast_dtype = resolve_precision(config.precision, device)
     if stop_at_step is not None:
-        _positive_int("stop_at_step", stop_at_step)
+        checks.positive_int("stop_at_step", stop_at_step)
     # The node's cores are shared by its processes.
     threads = config.threads or max(1, default_threads() // context.local_world_size)
     torch.set_num_threads(threads)

@@ -3,7 +3,7 @@
 A ``Preset`` fixes the Transformer's shape (depth, width, attention heads, sequence length,
 vocabulary), the SMoE baseline of the paper (8 experts x (8/3) d_model, top-1; Section 3) and
 the training defaults (batch, token budget, learning-rate schedule). The expert sizes of every
-other variant come from the parity planner (``mhmoe.parity.plan_variants``), never typed here.
+other variant come from the parity planner (``mhmoe.planning.variants.plan_variants``), never typed here.
 
 Presets (paper Section 3 and three smaller scales of the same shape):
 
@@ -45,24 +45,6 @@ from mhmoe.planning.counts import count_model_flops, count_model_params
 from mhmoe.planning.variants import Variant, paper_smoe, plan_variants
 from mhmoe.planning.variants import VariantSpec, parse_variant
 
-__all__ = [
-    "BASE_VARIANTS",
-    "PAPER_VARIANTS",
-    "PRESETS",
-    "Preset",
-    "VariantSpec",
-    "ablation_variants",
-    "apply_variant_flags",
-    "canonical_variant_name",
-    "ffn_configs",
-    "get_preset",
-    "model_config",
-    "parse_variant",
-    "preset_names",
-    "variant_label",
-    "variant_summary",
-]
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -72,7 +54,7 @@ class Preset:
     ``micro_batch_size`` at a time, gradients accumulated); ``tokens`` is the default budget
     (``--tokens`` overrides it), so steps = tokens // (batch_size * seq_len).
     ``warmup_steps`` is the authors' 375 for ``paper`` and smaller for the small presets; a run
-    uses at most 10% of its steps for warmup (``mhmoe.train.train_config_for``).
+    uses at most 10% of its steps for warmup (``mhmoe.training.run.train_config_for``).
     """
 
     name: str

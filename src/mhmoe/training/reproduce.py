@@ -51,16 +51,6 @@ from matplotlib.ticker import EngFormatter
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ABLATIONS",
-    "PAPER_RESULTS",
-    "ReproduceOptions",
-    "default_variants",
-    "reproduce",
-    "summarize_runs",
-    "write_markdown",
-    "write_plot",
-]
 
 ABLATIONS = ("head-merge",)
 POINTS = (0.5, 1.0)
@@ -350,7 +340,7 @@ def write_markdown(results: dict[str, Any]) -> str:
     if results.get("routing"):
         lines += [
             "", "## Routing (first seed, training batches of the last logged step; "
-            "definitions in `mhmoe.analytics`)", "",
+            "definitions in `mhmoe.analytics.accumulator`)", "",
             routing_table_markdown(results["routing"]).rstrip("\n"),
         ]
     if "wall_time_s" in results:

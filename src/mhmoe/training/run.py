@@ -1,42 +1,9 @@
-"""Training: configuration, learning-rate schedules, the loop, checkpoints and resumption.
-
-Defaults follow the authors' public training scripts (the paper itself gives only the
-load-balancing weight): AdamW with betas (0.9, 0.98), weight decay 0.01, gradient clipping at
-2.0, 375 warmup steps then polynomial (linear, power 1) decay to 0 (fairseq's
-``polynomial_decay``); cosine decay is an option. Small presets scale the warmup down.
-
-One optimiser step consumes ``batch_size`` sequences of ``seq_len`` tokens, processed
-``micro_batch_size`` at a time with gradient accumulation. The loss that is minimised is
-
-    L = L_lm + aux_loss,   aux_loss = w_lb * mean_l L_lb(l) + w_z * mean_l L_z(l)
-
-(``mhmoe.model``); ``loss`` in metrics.jsonl is L_lm alone (nats per token), averaged over the
-step's micro-batches.
-
-Precision: bf16 autocast on CUDA, fp32 on CPU (``precision="auto"``). Threads: torch uses one
-thread per usable core, fewer when the machine is already busy (``default_threads``;
-``threads`` overrides).
-
-Resumption continues the same run exactly: model, optimiser, data-sampler position, the
-RNG states of torch (CPU and CUDA), ``random`` and numpy, and the step (the schedule is a pure
-function of the step). On CPU, an interrupted and resumed run produces bit-identical losses to
-an uninterrupted one (tested). Lines of metrics.jsonl written after the checkpoint that a
-resumed run starts from are dropped, so the file reads as one uninterrupted run. ``--resume``
-removes leftovers of a killed save and continues from the newest *intact* checkpoint (a
-corrupted one is skipped with a warning; ``mhmoe.runs.checkpoint.find_resume_checkpoint``).
-
-Numerical guard: a step whose loss, aux loss or gradient norm is not finite is skipped (no
-parameter or optimiser-state update; the step, data position and schedule still advance) and
-counted (``skipped_steps`` in metrics.jsonl, saved in checkpoints); ``max_skipped_steps``
-consecutive skips stop the run with ``mhmoe.runs.validation.NonFiniteError`` naming the step, the
-values, the first module whose output and the first parameter whose gradient went non-finite.
-See docs/reliability.md.
-
-Two layers:
-
-* ``train_loop(...)``: the loop on a built model, sampler and evaluation sets;
-* ``run_training(RunOptions)``: everything ``mhmoe train`` does: the run directory, data
-  (``mhmoe.data.prepare_data``), model from a preset and variant, config.json, the loop.
+"""A whole training run, everything ``mhmoe train`` does: ``run_training(RunOptions)`` checks
+the run folder, prepares the data (``mhmoe.data.prepare``), builds the model of a preset and
+variant, writes config.json (the run's config tree: preset, variant, model with its BitNet
+options, training, data) and runs ``mhmoe.training.loop.train_loop``, under torchrun too.
+The loop's contract (loss, resumption, the non-finite guard): ``mhmoe.training.loop``; the
+hyper-parameters and their defaults: ``mhmoe.training.config``.
 """
 
 from __future__ import annotations
@@ -56,36 +23,20 @@ from mhmoe.evaluate import token_byte_lengths
 from mhmoe.model import TransformerLM
 from mhmoe.runs.validation import check_free_space, checkpoint_bytes_estimate
 from mhmoe.config import BitNetConfig
-from mhmoe.bitnet.convert import apply_bitnet
 from mhmoe import distributed
 from mhmoe.data import TrainBatchSampler
 from mhmoe.training.presets import get_preset, model_config, variant_summary
 from mhmoe.planning.variants import parse_variant, variant_label
 from mhmoe.version import __version__
 from mhmoe.training.loop import LoopResult, train_loop
-from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig, _number, _positive_int
+from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig
 from mhmoe.runs.validation import check_output_dir
 from mhmoe.runs.metrics import tensorboard_available
 from mhmoe.data.prepare import prepare_run_data
 from mhmoe.runtime import resolve_device, seed_everything
+from mhmoe import checks
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "PRECISIONS",
-    "SCHEDULES",
-    "MetricsLog",
-    "RunOptions",
-    "RunResult",
-    "TrainConfig",
-    "build_optimizer",
-    "learning_rate",
-    "read_metrics",
-    "resolve_device",
-    "resolve_precision",
-    "run_training",
-    "train_loop",
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +63,7 @@ __all__ = [
 class RunOptions:
     """Everything ``mhmoe train`` accepts. None means "the preset's default".
 
-    ``variant`` is a variant name (``mhmoe.presets``), flags already applied. ``data_dir``
+    ``variant`` is a variant name (``mhmoe.planning.variants``), flags already applied. ``data_dir``
     holds the tokenizer and token caches (default RUN_DIR/data; ``mhmoe reproduce`` shares one
     across its runs). ``tokenizer`` loads a tokenizer.json instead of training one.
     """
@@ -182,11 +133,11 @@ def train_config_for(options: RunOptions, preset: Any) -> TrainConfig:
     if options.tokens is not None and options.max_steps is not None:
         raise ValueError("--tokens and --max-steps: give one of them (both set the run's length)")
     if options.max_steps is not None:
-        _positive_int("--max-steps", options.max_steps)
+        checks.positive_int("--max-steps", options.max_steps)
         total_steps = options.max_steps
     else:
         tokens = preset.tokens if options.tokens is None else options.tokens
-        _positive_int("--tokens", tokens)
+        checks.positive_int("--tokens", tokens)
         total_steps = tokens // tokens_per_step
         if total_steps < 1:
             raise ValueError(
@@ -231,9 +182,11 @@ def _versions() -> dict[str, str]:
 def _compare_for_resume(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
     """Raise if a resumed run's settings differ from those it was started with."""
     differences = []
-    for section in ("preset", "variant", "model", "bitnet", "data"):
+    for section in ("preset", "variant", "data"):
         if old.get(section) != new.get(section):
             differences.append(section)
+    if ckpt.run_model_config(old) != ckpt.run_model_config(new):
+        differences.append("model")
     old_train, new_train = old.get("train", {}), new.get("train", {})
     for key in sorted(set(old_train) | set(new_train)):
         if key in RESUMABLE_CHANGES:
@@ -287,9 +240,9 @@ def run_training(options: RunOptions) -> RunResult:
     spec = parse_variant(options.variant)
     run_dir = check_output_dir(options.out)
     if options.stop_at_step is not None:
-        _positive_int("--stop-at-step", options.stop_at_step)
-    _number("--load-balancing-weight", options.load_balancing_weight, low=0)
-    _number("--z-loss-weight", options.z_loss_weight, low=0)
+        checks.positive_int("--stop-at-step", options.stop_at_step)
+    checks.number("--load-balancing-weight", options.load_balancing_weight, low=0)
+    checks.number("--z-loss-weight", options.z_loss_weight, low=0)
     train_config = train_config_for(options, preset)
     resolve_device(options.device)  # a bad --device fails before the data is prepared
 
@@ -327,6 +280,7 @@ def run_training(options: RunOptions) -> RunResult:
     model_cfg = model_config(
         preset, spec, vocab_size=tokenizer.vocab_size, max_seq_len=train_config.seq_len,
         load_balancing_weight=options.load_balancing_weight, z_loss_weight=options.z_loss_weight,
+        bitnet=BitNetConfig() if options.bitnet else None,
     )
     run_config = {
         "format": ckpt.RUN_FORMAT,
@@ -334,7 +288,6 @@ def run_training(options: RunOptions) -> RunResult:
         "variant": spec.name,
         "label": variant_label(spec.name),
         "model": model_cfg.to_dict(),
-        "bitnet": BitNetConfig().to_dict() if options.bitnet else None,
         "train": train_config.to_dict(),
         "data": settings,
         "data_dir": str(data_dir.resolve()),
@@ -357,7 +310,7 @@ def run_training(options: RunOptions) -> RunResult:
     if not data.evals:
         logger.warning("no evaluation set (heldout fraction 0 and no --eval): perplexity will not be measured")
     seed_everything(train_config.seed)
-    model = apply_bitnet(TransformerLM(model_cfg), run_config["bitnet"])  # no-op when None
+    model = TransformerLM(model_cfg)
     # Every rank draws the same global batch and keeps its own rows of it.
     sampler = TrainBatchSampler(data.train.tokens, per_rank_batch, train_config.seq_len,
                                 seed=train_config.seed, rank=context.rank, world_size=context.world_size)

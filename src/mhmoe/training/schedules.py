@@ -10,14 +10,9 @@ import math
 from typing import Any
 
 from mhmoe.training.config import TrainConfig
+from mhmoe import checks
 
 
-def _check_number(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        rule = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"{name}={value!r}: must be a number {rule}")
 
 
 def two_stage_schedule(
@@ -47,18 +42,15 @@ def two_stage_schedule(
     Steps past total_steps stay at final_lr. With AdamW, set each param group's
     ``weight_decay`` to the returned value every step (PyTorch multiplies it by the LR).
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step={step!r}: must be a non-negative integer")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps={total_steps!r}: must be a positive integer")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps!r}: must be a non-negative integer")
-    _check_number("peak_lr", peak_lr, strict=True)
+    checks.non_negative_int("step", step)
+    checks.positive_int("total_steps", total_steps)
+    checks.non_negative_int("warmup_steps", warmup_steps)
+    checks.number("peak_lr", peak_lr, low=0, low_inclusive=False)
     second_peak_lr = peak_lr / 3 if second_peak_lr is None else second_peak_lr
-    _check_number("second_peak_lr", second_peak_lr)
-    _check_number("final_lr", final_lr)
-    _check_number("weight_decay", weight_decay)
-    _check_number("second_weight_decay", second_weight_decay)
+    checks.number("second_peak_lr", second_peak_lr, low=0)
+    checks.number("final_lr", final_lr, low=0)
+    checks.number("weight_decay", weight_decay, low=0)
+    checks.number("second_weight_decay", second_weight_decay, low=0)
     if isinstance(switch_fraction, bool) or not isinstance(switch_fraction, (int, float)) \
             or not 0 < switch_fraction <= 1:
         raise ValueError(f"switch_fraction={switch_fraction!r}: must be in (0, 1]")
@@ -102,7 +94,7 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     p = (step - warmup) / (total - warmup):
     polynomial (fairseq ``polynomial_decay``): end + (lr - end) * (1 - p)^power;
     cosine: end + (lr - end) * (1 + cos(pi p)) / 2; constant: lr;
-    two-stage: the BitNet FAQ's schedule (``mhmoe.quant.two_stage_schedule``).
+    two-stage: the BitNet FAQ's schedule (``mhmoe.training.schedules.two_stage_schedule``).
     """
     peak, end, warmup, total = config.lr, config.end_lr, config.warmup_steps, config.total_steps
     if config.schedule == "two-stage":
