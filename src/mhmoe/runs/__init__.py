@@ -1,0 +1,1 @@
+"""Run folders: atomic writes, checkpoints, metrics logs, checks of files and folders from outside."""
