@@ -70,3 +70,21 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The floating dtypes weights are stored in (exports) or computed in (benchmarks), by name."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype of ``DTYPES`` given by name or as itself; ValueError naming the choices otherwise."""
+    resolved = DTYPES.get(dtype) if isinstance(dtype, str) else dtype if dtype in DTYPES.values() else None
+    if resolved is None:
+        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+    return resolved
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The ``DTYPES`` name of a dtype (``resolve_dtype``'s rule)."""
+    resolved = resolve_dtype(dtype)
+    return next(name for name, d in DTYPES.items() if d == resolved)

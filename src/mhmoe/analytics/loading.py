@@ -52,7 +52,6 @@ def token_windows(
 
 
 def _tokens_from_cache(path: Path) -> Any:
-
     name = path.name
     stem = name[: -len(TOKENS_SUFFIX)] if name.endswith(TOKENS_SUFFIX) \
         else name[: -len(MANIFEST_SUFFIX)]
@@ -81,7 +80,6 @@ def _tokens_from_text(path: Path, tokenizer: Any, max_tokens: int | None) -> Any
 
 
 def _find_heldout(run_dir: Path, run_config: Mapping[str, Any]) -> Path:
-
     candidates = [run_dir, run_dir / "data"]
     # mhmoe.training.run records the token-cache folder as "data_dir" (shared by all runs of a
     # reproduce); other path-like settings of the "data" section are tried after it.

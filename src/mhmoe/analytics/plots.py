@@ -16,7 +16,6 @@ from mhmoe.analytics.summary import layers_of
 
 
 def _new_figure(width: float, height: float):
-
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig

@@ -51,6 +51,7 @@ from mhmoe.data import load_tokenizer
 from mhmoe.config import ModelConfig
 from mhmoe.model import TransformerLM
 from mhmoe.config import BitNetConfig
+from mhmoe.runtime import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ __all__ = [
     "TernaryExperts",
     "TernaryLinear",
     "TernaryRouter",
-    "export_plain",
     "export_ternary",
     "is_ternary_export",
     "load_export",
@@ -78,8 +78,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _SHIFTS = (0, 2, 4, 6)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,20 +239,6 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
-    return dtype
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == dtype)
-
-
 def _model_description(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     bitnet = getattr(config, "bitnet", None)
@@ -322,7 +306,7 @@ def export_ternary(
     ``extra``: JSON-able data stored under "extra" in config.json (e.g. the run config).
     Returns the manifest (config.json's content). The model is not modified.
     """
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     quantized = {
         name: m for name, m in model.named_modules() if isinstance(m, (BitLinear, BitExperts, BitRouter))
     }
@@ -346,7 +330,7 @@ def export_ternary(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **_model_description(model),
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "packing": "ternary codes stored as w+1 in 2 bits, 4 per byte, element 4j+i in bits 2i..2i+1 "
                    "of byte j, row-major, zero-padded; <module>.<W>_scale float32 absmean scales",
         "quantized": manifest_modules,
@@ -358,27 +342,6 @@ def export_ternary(
     _atomic_safetensors(out / WEIGHTS_FILE, tensors, {"mhmoe_ternary": json.dumps(manifest)})
     _atomic_json(out / CONFIG_FILE, manifest)
     logger.info("ternary export: %d quantised modules, %s", len(quantized), out / WEIGHTS_FILE)
-    return manifest
-
-
-def export_plain(
-    model: nn.Module,
-    out_dir: str | os.PathLike,
-    dtype: torch.dtype | str = torch.float32,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``model.state_dict()`` (floating tensors in ``dtype``) as model.safetensors +
-    config.json (format "mhmoe-plain"); a BitNet model keeps its latent full-precision weights."""
-    dtype = _resolve_dtype(dtype)
-    tensors = {k: _plain_tensor(v, dtype) for k, v in model.state_dict().items()}
-    manifest = {"format": "mhmoe-plain", "format_version": 1, **_model_description(model),
-                "dtype": _dtype_name(dtype)}
-    if extra is not None:
-        manifest["extra"] = extra
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_safetensors(out / WEIGHTS_FILE, tensors, {"format": "pt"})
-    _atomic_json(out / CONFIG_FILE, manifest)
     return manifest
 
 

@@ -19,8 +19,8 @@ import torch
 
 from mhmoe import bench
 from mhmoe.cli import CLIError
+from mhmoe.runtime import DTYPES
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def register(subparsers) -> None:
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +79,7 @@ def _setup(args) -> torch.dtype:
         torch.set_num_threads(cores or 1)
     if args.dtype is None:
         return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    return _DTYPES[args.dtype]
+    return DTYPES[args.dtype]
 
 
 def _layers(args) -> int:

@@ -38,7 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-
     specs = parse_eval_specs(args.eval)
     step, results = evaluate_run(
         args.run_dir, specs or None, step=args.step, max_tokens=args.eval_tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 from pathlib import Path
@@ -26,24 +27,31 @@ VARIANT_HELP = (
 )
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (must be a positive integer)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer (>= 1)")
-    return value
+def _argument_type(name: str, cast, kind: str, short_rule: str, rule: str, ok):
+    """An argparse type: ``cast`` the text, then check ``ok(value)``; both failures name the
+    text and the rule."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind} (must be {short_rule})") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {rule}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its own messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (must be >= 0)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a non-negative integer")
-    return value
+positive_int = _argument_type("positive_int", int, "an integer", "a positive integer", "a positive integer (>= 1)",
+                              lambda v: v >= 1)
+non_negative_int = _argument_type("non_negative_int", int, "an integer", ">= 0", "a non-negative integer",
+                                  lambda v: v >= 0)
+positive_float = _argument_type("positive_float", float, "a number", "> 0", "a finite number > 0",
+                                lambda v: 0 < v < math.inf)
+non_negative_float = _argument_type("non_negative_float", float, "a number", ">= 0", "a finite number >= 0",
+                                    lambda v: 0 <= v < math.inf)
+fraction_0_1 = _argument_type("fraction_0_1", float, "a number", "in [0, 1)", "in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def token_count(text: str) -> int:
@@ -65,46 +73,11 @@ def token_count(text: str) -> int:
     return int(value)
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (must be > 0)") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (must be >= 0)") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0")
-    return value
-
-
-def fraction_0_1(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (must be in [0, 1))") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be in [0, 1)")
-    return value
-
-
 def variant_name(text: str) -> str:
-
     try:
         return parse_variant(text).name
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-
-
 
 
 def flatten(groups: list[list[str]] | None) -> list[str]:
@@ -112,7 +85,6 @@ def flatten(groups: list[list[str]] | None) -> list[str]:
 
 
 def preset_choices() -> list[str]:
-
     return list(preset_names())
 
 

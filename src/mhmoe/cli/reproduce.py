@@ -54,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-
     template = run_options_from_args(args, out=args.out, variant="smoe", quiet=args.quiet)
     options = ReproduceOptions(
         out=args.out,

@@ -54,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-
     spec = apply_variant_flags(
         args.variant,
         shared_expert=args.shared_expert,

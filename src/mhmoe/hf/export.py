@@ -55,6 +55,7 @@ from mhmoe.version import __version__
 from mhmoe.runs.checkpoint import load_run, resolve_checkpoint
 from mhmoe.data import load_tokenizer
 from mhmoe.bitnet.convert import bitnet_modules
+from mhmoe.runtime import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ _KEY_PREFIXES: tuple[tuple[str, str], ...] = (
     ("lm_head.", "lm_head."),
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ExportError(ValueError):
@@ -122,7 +122,7 @@ def hf_config_dict(
             "bos_token_id": eot_id,
             "eos_token_id": eot_id,
             "pad_token_id": eot_id,
-            "dtype": _dtype_name(dtype),
+            "dtype": dtype_name(dtype),
             "initializer_range": 0.02,
             "output_router_logits": False,
             "use_cache": True,
@@ -179,7 +179,7 @@ def hf_state_dict(model: torch.nn.Module, dtype: str | torch.dtype | None = None
 
     Floating tensors are cast to ``dtype`` (None keeps theirs).
     """
-    target = None if dtype is None else _resolve_dtype(dtype)
+    target = None if dtype is None else resolve_dtype(dtype)
     out = {}
     for name, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu")
@@ -194,19 +194,6 @@ def mhmoe_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return {_mhmoe_key(name): t for name, t in tensors.items()}
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ExportError(f"dtype={dtype}: must be one of {', '.join(_DTYPES)}")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ExportError(f"dtype={dtype!r}: must be one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def _dtype_name(dtype: str | torch.dtype) -> str:
-    resolved = _resolve_dtype(dtype)
-    return next(name for name, d in _DTYPES.items() if d == resolved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,17 +305,17 @@ def export_model(
             "itself with mhmoe.bitnet.convert.to_bitnet, or build it from a config with bitnet set)"
         )
     tokenizer_json, tokenizer_config, eot_id = _tokenizer_files(tokenizer, model_config)
-    dtype_name = _dtype_name(dtype)
+    stored_dtype = dtype_name(dtype)
 
     info = {"format": EXPORT_FORMAT, "mhmoe_version": __version__, **(dict(source or {}))}
-    config = hf_config_dict(model_config, eot_id=eot_id, dtype=dtype_name, export_info=info)
+    config = hf_config_dict(model_config, eot_id=eot_id, dtype=stored_dtype, export_info=info)
     generation_config = {
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
         "pad_token_id": eot_id,
         "_from_model_config": False,
     }
-    tensors = hf_state_dict(model, dtype_name)
+    tensors = hf_state_dict(model, stored_dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not _replaceable(out):  # fail before doing the work
@@ -351,7 +338,7 @@ def export_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("exported %s (%s%s) to %s", type(model).__name__, dtype_name,
+    logger.info("exported %s (%s%s) to %s", type(model).__name__, stored_dtype,
                 ", BitNet" if bitnet else "", out)
     return out
 

@@ -141,7 +141,6 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-
         if not isinstance(data, dict):
             raise ValueError(f"training config {data!r}: must be a JSON object")
         checks.known_fields("training config", cls, data)

@@ -19,18 +19,8 @@ Presets (paper Section 3 and three smaller scales of the same shape):
   (the README's first command). Small batches: at this budget more updates beat larger batches.
 * ``tiny``: seconds; for tests.
 
-Variant names. A variant is a base name plus optional suffixes, separated by dots:
-
-* bases: ``dense``, ``smoe``, ``fine_grained``, ``mhmoe_h<N>`` (N >= 2; the paper's are h=2
-  and h=3; N must divide d_model);
-* ``.shared``: a shared SwiGLU expert as wide as the SMoE expert (paper Table 2);
-* head/merge ablations (paper Tables 4-5): on ``smoe``/``fine_grained`` ``.head_merge`` adds
-  both layers (``.head``, ``.merge`` one of them); on ``mhmoe_h<N>`` ``.no_head``,
-  ``.no_merge`` and ``.no_head_merge`` remove them. The experts stay those of the base
-  variant, as in the paper.
-
-``canonical_variant_name`` orders the suffixes, so ``mhmoe_h2.no_merge.shared`` and
-``mhmoe_h2.shared.no_merge`` are one run.
+Variant names (``dense``, ``smoe``, ``fine_grained``, ``mhmoe_h<N>`` and their suffixes):
+``mhmoe.planning.variants``.
 """
 
 from __future__ import annotations

@@ -175,7 +175,6 @@ def train_config_for(options: RunOptions, preset: Any) -> TrainConfig:
 
 
 def _versions() -> dict[str, str]:
-
     return {"mhmoe": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
