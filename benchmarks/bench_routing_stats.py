@@ -26,8 +26,7 @@ import time
 import torch
 
 from mhmoe.analytics.accumulator import RoutingStatsAccumulator
-from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.config import ModelConfig
+from mhmoe.config import DenseConfig, ModelConfig, MoEConfig
 from mhmoe.model import TransformerLM, lm_loss
 
 

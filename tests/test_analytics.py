@@ -13,11 +13,21 @@ from hypothesis import strategies as st
 
 from mhmoe import MHMoE, MoE
 from mhmoe.analytics.accumulator import LayerRoutingSummary, RoutingStatsAccumulator, analyze_model
-from mhmoe.analytics.summary import layers_of
-from mhmoe.analytics.stats import activation_ratio, distinct_experts_per_token, head_expert_counts, head_js_divergence, head_top1_agreement, load_cv, load_entropy, load_imbalance, router_entropy
+from mhmoe.analytics.loading import token_windows
 from mhmoe.analytics.plots import plot_activation_ratio, write_plots
 from mhmoe.analytics.report import routing_table_markdown
-from mhmoe.analytics.loading import token_windows
+from mhmoe.analytics.stats import (
+    activation_ratio,
+    distinct_experts_per_token,
+    head_expert_counts,
+    head_js_divergence,
+    head_top1_agreement,
+    load_cv,
+    load_entropy,
+    load_imbalance,
+    router_entropy,
+)
+from mhmoe.analytics.summary import layers_of
 from mhmoe.layers.moe import MoEAux
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -236,8 +246,7 @@ def test_router_entropy_from_moe_aux_field_takes_precedence():
 
 
 def test_accumulator_in_a_training_step_of_the_lm():
-    from mhmoe.config import DenseConfig, MoEConfig
-    from mhmoe.config import ModelConfig
+    from mhmoe.config import DenseConfig, ModelConfig, MoEConfig
     from mhmoe.model import TransformerLM, lm_loss
 
     config = ModelConfig(
@@ -332,12 +341,10 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Sphinx of black quartz, ju
 
 
 def _make_run(run_dir, moe: bool = True, num_heads: int = 2, data_dir=None):
-    from mhmoe.runs.checkpoint import CONFIG_FILE, TOKENIZER_FILE, save_checkpoint
-    from mhmoe.runs.checkpoint import RUN_FORMAT
-    from mhmoe.config import DenseConfig, MoEConfig
+    from mhmoe.config import DenseConfig, ModelConfig, MoEConfig
     from mhmoe.data import build_caches, train_tokenizer
-    from mhmoe.config import ModelConfig
     from mhmoe.model import TransformerLM
+    from mhmoe.runs.checkpoint import CONFIG_FILE, RUN_FORMAT, TOKENIZER_FILE, save_checkpoint
 
     tokenizer = train_tokenizer([TEXT], vocab_size=300)
     config = ModelConfig(

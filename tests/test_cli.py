@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from mhmoe.runs import checkpoint as ckpt
-from mhmoe.cli import build_parser, main
-from mhmoe.runs.metrics import read_metrics
-
 from test_train import write_corpus
+
+from mhmoe.cli import build_parser, main
+from mhmoe.runs import checkpoint as ckpt
+from mhmoe.runs.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")

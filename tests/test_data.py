@@ -23,6 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models
 
+from mhmoe.cli.options import parse_byte_size
+from mhmoe.cli.prepare_data import register
 from mhmoe.data import (
     EOT_TOKEN,
     IGNORE_INDEX,
@@ -50,8 +52,6 @@ from mhmoe.data import (
 )
 from mhmoe.data import prepare as prepare_module
 from mhmoe.data.cache import file_sha256
-from mhmoe.cli.options import parse_byte_size
-from mhmoe.cli.prepare_data import register
 from mhmoe.data.sources import list_stdlib_files, read_documents
 
 # ------------------------------------------------------------------------------------------------

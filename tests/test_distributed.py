@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhmoe.config import DenseConfig, MoEConfig
+from mhmoe.config import DenseConfig, ModelConfig, MoEConfig
 from mhmoe.layers.mh_moe import MHMoE
-from mhmoe.config import ModelConfig
 from mhmoe.model import TransformerLM, lm_loss
 
 WORLD = 2
@@ -190,11 +189,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenarios: tuple[str
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    from mhmoe.runs import checkpoint as ckpt
     from mhmoe.distributed import (
-        ParallelConfig, full_optimizer_state_dict, init_distributed, load_checkpoint, parallelize,
-        save_checkpoint, shutdown_distributed,
+        ParallelConfig,
+        full_optimizer_state_dict,
+        init_distributed,
+        load_checkpoint,
+        parallelize,
+        save_checkpoint,
+        shutdown_distributed,
     )
+    from mhmoe.runs import checkpoint as ckpt
 
     out = Path(out_dir)
     base = init_distributed(ParallelConfig(), device="cpu")  # owns the process group
@@ -491,8 +495,8 @@ def write_small_corpus(folder: Path) -> Path:
 def test_torchrun_train_equals_single_process(tmp_path):
     """`torchrun --nproc_per_node 2 -m mhmoe.cli train --dp fsdp --ep 2` writes the run a single
     process writes: same losses per step, and a checkpoint load_run reads to the same logits."""
-    from mhmoe.runs.checkpoint import load_run
     from mhmoe.cli import main
+    from mhmoe.runs.checkpoint import load_run
     from mhmoe.runs.metrics import read_metrics
 
     corpus = write_small_corpus(tmp_path / "text")

@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_train import write_corpus
 
 from mhmoe.cli import main
-
-from test_train import write_corpus
 
 EXAMPLES = int(os.environ.get("MHMOE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhmoe.runs.checkpoint import load_run
 from mhmoe.cli import main
-from mhmoe.hf.export import REQUIRED_FILES, ExportError, check_export_dir, export_model, load_hf_export
 from mhmoe.config import BitNetConfig, ModelConfig
+from mhmoe.hf.export import REQUIRED_FILES, ExportError, check_export_dir, export_model, load_hf_export
 from mhmoe.model import TransformerLM, lm_loss
+from mhmoe.runs.checkpoint import load_run
 
 WORDS = "the sea is calm and blue ships sail over waves under a bright sky while birds fly home".split()
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mhmoe import FeedForward, MHMoE, MoE, MoEConfig, build_ffn, DenseConfig
+from mhmoe import DenseConfig, FeedForward, MHMoE, MoE, MoEConfig, build_ffn
 from mhmoe.layers.experts import grouped_mm, grouped_mm_supported, segment_mm
 from mhmoe.layers.moe import sort_assignments
 from mhmoe.layers.routing import TopKRouter, load_balancing_loss, route_logits, router_z_loss

@@ -12,10 +12,22 @@ from mhmoe import DenseConfig, MoEConfig
 from mhmoe.config import ModelConfig
 from mhmoe.data.batching import IGNORE_INDEX
 from mhmoe.model import RMSNorm, RotaryEmbedding, TransformerLM, apply_rotary, lm_loss
-from mhmoe.planning.counts import count_model_flops, count_model_params
-from mhmoe.planning.counts import active_multiply_adds, count_flops, count_params, register_grouped_mm_flop_formula
-from mhmoe.planning.variants import plan_variants
-from mhmoe.planning.variants import PAPER_VARIANTS, ablation_variants, apply_variant_flags, parse_variant, variant_label
+from mhmoe.planning.counts import (
+    active_multiply_adds,
+    count_flops,
+    count_model_flops,
+    count_model_params,
+    count_params,
+    register_grouped_mm_flop_formula,
+)
+from mhmoe.planning.variants import (
+    PAPER_VARIANTS,
+    ablation_variants,
+    apply_variant_flags,
+    parse_variant,
+    plan_variants,
+    variant_label,
+)
 from mhmoe.training.presets import get_preset, model_config, preset_names
 
 

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from mhmoe import DenseConfig, FeedForward, MHMoE, MoE, MoEConfig, build_ffn
-from mhmoe.planning import counts, variants
-from mhmoe.training.presets import get_preset
 from mhmoe.cli import main
+from mhmoe.planning import counts, variants
 from mhmoe.planning.counts import active_multiply_adds, count_flops, count_params
 from mhmoe.planning.planner import flops_parity_d_expert, params_parity_num_experts, plan_mhmoe
+from mhmoe.training.presets import get_preset
 
 D = 768  # the paper's d_model (Section 3)
 

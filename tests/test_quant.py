@@ -15,12 +15,29 @@ from torch import nn
 
 from mhmoe import MHMoE
 from mhmoe import model as model_mod
-from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.bitnet.ternary import WEIGHTS_FILE
-from mhmoe.bitnet.ternary import TernaryExperts, TernaryLinear, export_ternary, is_ternary_export, load_ternary, pack_ternary, tensor_bytes, unpack_ternary
-from mhmoe.layers.routing import TopKRouter
-from mhmoe.bitnet.layers import BitExperts, BitLinear, BitRouter, activation_quant, activation_quant_codes, weight_quant, weight_quant_codes
 from mhmoe.bitnet.convert import apply_bitnet, bitnet_modules, to_bitnet
+from mhmoe.bitnet.layers import (
+    BitExperts,
+    BitLinear,
+    BitRouter,
+    activation_quant,
+    activation_quant_codes,
+    weight_quant,
+    weight_quant_codes,
+)
+from mhmoe.bitnet.ternary import (
+    WEIGHTS_FILE,
+    TernaryExperts,
+    TernaryLinear,
+    export_ternary,
+    is_ternary_export,
+    load_ternary,
+    pack_ternary,
+    tensor_bytes,
+    unpack_ternary,
+)
+from mhmoe.config import DenseConfig, MoEConfig
+from mhmoe.layers.routing import TopKRouter
 from mhmoe.training.schedules import two_stage_lambdas, two_stage_schedule
 
 

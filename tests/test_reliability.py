@@ -24,13 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import train_args, training_losses, write_corpus
 
-from mhmoe.runs import checkpoint as ckpt
 from mhmoe.cli import main
 from mhmoe.data import CorruptCacheError
+from mhmoe.runs import checkpoint as ckpt
 from mhmoe.runs.metrics import read_metrics
-
-from test_train import train_args, training_losses, write_corpus
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from mhmoe.runs import checkpoint as ckpt
 from mhmoe.cli import main
 from mhmoe.model import TransformerLM, lm_loss
-from mhmoe.training.presets import model_config
+from mhmoe.runs import checkpoint as ckpt
 from mhmoe.runs.metrics import MetricsLog, read_metrics
-from mhmoe.training.run import RunOptions, run_training
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.loop import build_optimizer
+from mhmoe.training.presets import model_config
+from mhmoe.training.run import RunOptions, run_training
 from mhmoe.training.schedules import learning_rate
 
 WORDS = (

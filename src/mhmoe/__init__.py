@@ -7,16 +7,14 @@ ablations) shares one MoE core; ``mhmoe.planning`` counts their parameters and F
 FLOPs-matched MH-MoE configurations.
 """
 
-from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.version import __version__  # noqa: F401 (mhmoe.__version__)
-from mhmoe.layers.feed_forward import FeedForward
-from mhmoe.layers.mh_moe import MHMoE, MoE, build_ffn
-from mhmoe.layers.moe import MoEAux
-
 # Registers the config and model with transformers' Auto classes once transformers is imported
 # (an import hook: `import mhmoe` never imports transformers itself, and works without it).
 from mhmoe import hf as _hf  # noqa: F401,E402
-
+from mhmoe.config import DenseConfig, MoEConfig
+from mhmoe.layers.feed_forward import FeedForward
+from mhmoe.layers.mh_moe import MHMoE, MoE, build_ffn
+from mhmoe.layers.moe import MoEAux
+from mhmoe.version import __version__  # noqa: F401 (mhmoe.__version__)
 
 __all__ = [
     "DenseConfig",

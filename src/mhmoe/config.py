@@ -13,9 +13,9 @@ Validation raises ``ValueError`` naming the offending value and the rule it brea
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
-from dataclasses import asdict
+
 from mhmoe import checks
 
 ACTIVATIONS = ("swiglu", "relu")

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mhmoe.data.batching import IGNORE_INDEX, eval_batches
-from mhmoe.runs.checkpoint import load_run, read_checkpoint_state, resolve_checkpoint
 from mhmoe.data import build_caches, load_cache, open_source
-from mhmoe.data.splits import validate_eval_name
+from mhmoe.data.batching import IGNORE_INDEX, eval_batches
 from mhmoe.data.prepare import prepare_run_data
-from mhmoe.runtime import resolve_device, resolve_precision
-from mhmoe.runtime import autocast_context
+from mhmoe.data.splits import validate_eval_name
+from mhmoe.runs.checkpoint import load_run, read_checkpoint_state, resolve_checkpoint
+from mhmoe.runtime import autocast_context, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 

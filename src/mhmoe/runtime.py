@@ -12,7 +12,6 @@ import random
 import numpy as np
 import torch
 
-
 PRECISIONS = ("auto", "fp32", "bf16")
 
 

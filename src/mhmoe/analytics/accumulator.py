@@ -62,10 +62,20 @@ from typing import Any
 
 import torch
 
-from mhmoe.layers.routing import count_values
-from mhmoe.layers.routing import TopKRouter
+from mhmoe.analytics.stats import (
+    _check_ids,
+    _check_min_share,
+    _distinct_per_token,
+    _pairwise_mean,
+    _top1_agreement_counts,
+    head_expert_counts,
+    head_js_divergence,
+    load_cv,
+    load_entropy,
+    load_imbalance,
+)
 from mhmoe.analytics.summary import LayerRoutingSummary, flat_metrics
-from mhmoe.analytics.stats import (_check_ids, _check_min_share, _distinct_per_token, _pairwise_mean, _top1_agreement_counts, head_expert_counts, head_js_divergence, load_cv, load_entropy, load_imbalance)
+from mhmoe.layers.routing import TopKRouter, count_values
 
 
 @dataclass

@@ -15,7 +15,6 @@ from mhmoe.data.cache import MANIFEST_SUFFIX, TOKENS_SUFFIX, open_token_file, re
 from mhmoe.data.sources import local_source
 from mhmoe.runs.checkpoint import load_run
 
-
 DEFAULT_MAX_TOKENS = 131_072
 
 

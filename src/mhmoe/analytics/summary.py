@@ -9,7 +9,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-
 # Scalars that ``RoutingStatsAccumulator.summary`` logs per layer (and averaged over layers).
 SCALAR_METRICS = (
     "load_imbalance",

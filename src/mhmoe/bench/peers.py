@@ -15,7 +15,6 @@ from torch import nn
 
 from mhmoe.layers.mh_moe import MHMoE
 
-
 PEERS = ("ours", "grouped", "loop", "hf_eager", "hf_batched_mm", "hf_grouped_mm", "gshard")
 
 

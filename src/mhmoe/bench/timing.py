@@ -49,13 +49,20 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from mhmoe.bench.peers import (
+    HF_IMPLEMENTATIONS,
+    PEER_MEMORY_LIMIT_BYTES,
+    PEERS,
+    build_peer,
+    hf_available,
+    peer_memory_estimate,
+)
 from mhmoe.config import DenseConfig, MoEConfig
 from mhmoe.layers.mh_moe import build_ffn
 from mhmoe.model import TransformerLM, lm_loss
 from mhmoe.planning.counts import count_flops
 from mhmoe.planning.variants import paper_variants
 from mhmoe.training.presets import get_preset, model_config
-from mhmoe.bench.peers import HF_IMPLEMENTATIONS, PEER_MEMORY_LIMIT_BYTES, PEERS, build_peer, hf_available, peer_memory_estimate
 
 log = logging.getLogger(__name__)
 

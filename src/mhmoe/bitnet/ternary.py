@@ -42,15 +42,23 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from mhmoe.runs.atomic import atomic_write_bytes, atomic_write_text
+from mhmoe.bitnet.layers import (
+    BitExperts,
+    BitLinear,
+    BitRouter,
+    RMSNorm,
+    _BitExpertsMath,
+    _BitLinearMath,
+    _BitRouterMath,
+    dequantize_weight,
+    weight_quant_codes,
+)
+from mhmoe.config import BitNetConfig, ModelConfig
+from mhmoe.data import load_tokenizer
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.routing import TopKRouter
-from mhmoe.bitnet.layers import BitExperts, BitLinear, BitRouter, _BitExpertsMath, _BitLinearMath, _BitRouterMath, dequantize_weight, weight_quant_codes
-from mhmoe.bitnet.layers import RMSNorm
-from mhmoe.data import load_tokenizer
-from mhmoe.config import ModelConfig
 from mhmoe.model import TransformerLM
-from mhmoe.config import BitNetConfig
+from mhmoe.runs.atomic import atomic_write_bytes, atomic_write_text
 from mhmoe.runtime import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mhmoe.analytics.summary import layers_of
 from mhmoe.analytics.loading import DEFAULT_MAX_TOKENS, analyze_run
 from mhmoe.analytics.plots import write_plots
+from mhmoe.analytics.summary import layers_of
 
 logger = logging.getLogger(__name__)
 

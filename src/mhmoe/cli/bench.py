@@ -22,7 +22,6 @@ from mhmoe.cli import CLIError
 from mhmoe.runtime import DTYPES
 
 
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",

@@ -22,11 +22,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mhmoe.cli import CLIError
 from mhmoe.bitnet import ternary
+from mhmoe.bitnet.convert import bitnet_modules
+from mhmoe.cli import CLIError
 from mhmoe.hf.export import export_hf
 from mhmoe.runs.checkpoint import load_run
-from mhmoe.bitnet.convert import bitnet_modules
 
 TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer*.model", "vocab*", "merges*")
 

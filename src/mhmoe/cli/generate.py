@@ -21,14 +21,12 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from mhmoe.bitnet.ternary import is_ternary_export, load_export
 from mhmoe.cli import CLIError
 from mhmoe.cli.options import non_negative_float, non_negative_int, positive_int
-from mhmoe.hf import export as hf_export
-from mhmoe.runs.checkpoint import CONFIG_FILE
-from mhmoe.runs.checkpoint import read_run_config
-from mhmoe.runs.checkpoint import load_run
-from mhmoe.bitnet.ternary import is_ternary_export, load_export
 from mhmoe.decoding import generate_tokens
+from mhmoe.hf import export as hf_export
+from mhmoe.runs.checkpoint import CONFIG_FILE, load_run, read_run_config
 from mhmoe.runtime import resolve_device
 
 

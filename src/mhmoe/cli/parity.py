@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from mhmoe.cli import CLIError
+from mhmoe.config import ACTIVATIONS, MoEConfig
 from mhmoe.planning.planner import deviation_pct, plan_mhmoe
 from mhmoe.planning.variants import Variant, paper_smoe, plan_variants
 from mhmoe.training.presets import get_preset, preset_names
-from mhmoe.cli import CLIError
-from mhmoe.config import ACTIVATIONS, MoEConfig
 
 DEFAULT_ROUND_EXPERTS = 8
 """Expert counts rounded to multiples of 8, as the paper (40, 96); --round-experts 1 for the

@@ -40,8 +40,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mhmoe.runs.atomic import atomic_binary_writer, atomic_write_text
 from mhmoe.data.tokenizer import TextTokenizer
+from mhmoe.runs.atomic import atomic_binary_writer, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from mhmoe.runs.atomic import atomic_write_text
 from mhmoe.data.cache import TokenSet, build_caches, load_cache, normalize_key
 from mhmoe.data.sources import DEFAULT_TEXT_FIELD, DatasetLoader, Source, cap_bytes, open_source
 from mhmoe.data.splits import DEFAULT_HELDOUT_FRACTION, split_heldout, validate_eval_name, validate_heldout_fraction
@@ -51,6 +50,7 @@ from mhmoe.data.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
+from mhmoe.runs.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

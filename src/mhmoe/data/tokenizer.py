@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mhmoe.runs.atomic import atomic_write_text
 from mhmoe.data.sources import cap_bytes
+from mhmoe.runs.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

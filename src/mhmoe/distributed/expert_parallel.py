@@ -41,8 +41,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mhmoe.layers.experts import Experts
-from mhmoe.layers.moe import combine_assignments, gather_units
 from mhmoe.layers.mh_moe import MHMoE
+from mhmoe.layers.moe import combine_assignments, gather_units
 
 __all__ = [
     "EXPERT_WEIGHT_NAMES",

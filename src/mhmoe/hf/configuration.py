@@ -19,9 +19,8 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
-from mhmoe.hf.export import HF_NAMES, model_config_from_hf
-from mhmoe.hf.export import MODEL_TYPE
 from mhmoe.config import ModelConfig
+from mhmoe.hf.export import HF_NAMES, MODEL_TYPE, model_config_from_hf
 
 
 class MHMoEConfig(PreTrainedConfig):

@@ -48,14 +48,14 @@ import torch
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save_file as safetensors_save_file
 
-from mhmoe.runs.atomic import fsync_directory
-from mhmoe.config import ModelConfig
-from mhmoe.model import TransformerLM
-from mhmoe.version import __version__
-from mhmoe.runs.checkpoint import load_run, resolve_checkpoint
-from mhmoe.data import load_tokenizer
 from mhmoe.bitnet.convert import bitnet_modules
+from mhmoe.config import ModelConfig
+from mhmoe.data import load_tokenizer
+from mhmoe.model import TransformerLM
+from mhmoe.runs.atomic import fsync_directory
+from mhmoe.runs.checkpoint import load_run, resolve_checkpoint
 from mhmoe.runtime import dtype_name, resolve_dtype
+from mhmoe.version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -45,10 +45,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from mhmoe.hf.configuration import MHMoEConfig
 from mhmoe.decoding import decoder_forward
-from mhmoe.hf.export import MODEL_TYPE, WEIGHTS_FILE
-from mhmoe.hf.export import hf_state_dict, mhmoe_state_dict
+from mhmoe.hf.configuration import MHMoEConfig
+from mhmoe.hf.export import MODEL_TYPE, WEIGHTS_FILE, hf_state_dict, mhmoe_state_dict
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.mh_moe import MHMoE
 from mhmoe.layers.routing import TopKRouter

@@ -36,9 +36,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from mhmoe.config import DenseConfig, FFNConfig, MoEConfig
-from mhmoe.config import ModelConfig
 from mhmoe import checks
+from mhmoe.config import DenseConfig, FFNConfig, ModelConfig, MoEConfig
 
 FLOP_CONVENTIONS = ("flops", "paper")
 

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from mhmoe import checks
 from mhmoe.config import MoEConfig
 from mhmoe.planning.counts import count_flops, count_params, num_matrices
-from mhmoe import checks
 
 
 def deviation_pct(value: float, reference: float) -> float:

@@ -22,11 +22,10 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from mhmoe import checks
 from mhmoe.config import DenseConfig, FFNConfig, MoEConfig
 from mhmoe.planning.counts import FlopCount, ParamCount, count_flops, count_params
 from mhmoe.planning.planner import ParityPlan, plan_mhmoe
-from mhmoe import checks
-
 
 PAPER_VARIANTS = ("dense", "smoe", "fine_grained", "mhmoe_h2", "mhmoe_h3")
 """The five models of the paper's Table 1, in its order."""

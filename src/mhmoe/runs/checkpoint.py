@@ -67,10 +67,10 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from mhmoe.runs.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mhmoe.config import ModelConfig
-from mhmoe.model import TransformerLM
 from mhmoe.data import load_tokenizer
+from mhmoe.model import TransformerLM
+from mhmoe.runs.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mhmoe.runtime import DEVICES_HELP, PRECISIONS
 from mhmoe import checks
-
+from mhmoe.runtime import DEVICES_HELP, PRECISIONS
 
 # TrainConfig fields that may differ when a run is resumed (they do not change the results).
 RESUMABLE_CHANGES = frozenset({

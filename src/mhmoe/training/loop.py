@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mhmoe import distributed
+from mhmoe import checks, distributed
 from mhmoe.analytics.accumulator import RoutingStatsAccumulator
+from mhmoe.distributed import save_checkpoint
 from mhmoe.evaluate import EvalResult, evaluate_sets, metrics_line
 from mhmoe.model import TransformerLM, lm_loss
 from mhmoe.runs import checkpoint as ckpt
@@ -51,8 +52,6 @@ from mhmoe.runs.validation import NonFiniteError, describe_diagnosis, diagnose_n
 from mhmoe.runtime import autocast_context, available_cores, default_threads, resolve_device, resolve_precision
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.schedules import learning_rate, weight_decay_at
-from mhmoe.distributed import save_checkpoint
-from mhmoe import checks
 
 logger = logging.getLogger(__name__)
 

@@ -29,11 +29,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mhmoe.config import DenseConfig, MoEConfig
-from mhmoe.config import ModelConfig
+from mhmoe.config import DenseConfig, ModelConfig, MoEConfig
 from mhmoe.planning.counts import count_model_flops, count_model_params
-from mhmoe.planning.variants import Variant, paper_smoe, plan_variants
-from mhmoe.planning.variants import VariantSpec, parse_variant
+from mhmoe.planning.variants import Variant, VariantSpec, paper_smoe, parse_variant, plan_variants
 
 
 @dataclass(frozen=True)

@@ -36,18 +36,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mhmoe.analytics.plots import plot_activation_ratio
-from mhmoe.analytics.report import routing_table_markdown
-from mhmoe.runs import checkpoint as ckpt
-from mhmoe.planning.variants import PAPER_VARIANTS, ablation_variants, parse_variant, variant_label
-from mhmoe.training.presets import get_preset
-from mhmoe.training.run import RunOptions, data_settings, run_training
-from mhmoe.runs.validation import check_output_dir
-from mhmoe.data.prepare import prepare_run_data
-from mhmoe.runs.metrics import read_metrics
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
+
+from mhmoe.analytics.plots import plot_activation_ratio
+from mhmoe.analytics.report import routing_table_markdown
+from mhmoe.data.prepare import prepare_run_data
+from mhmoe.planning.variants import PAPER_VARIANTS, ablation_variants, parse_variant, variant_label
+from mhmoe.runs import checkpoint as ckpt
+from mhmoe.runs.metrics import read_metrics
+from mhmoe.runs.validation import check_output_dir
+from mhmoe.training.presets import get_preset
+from mhmoe.training.run import RunOptions, data_settings, run_training
 
 logger = logging.getLogger(__name__)
 

@@ -18,23 +18,21 @@ from typing import Any
 
 import torch
 
-from mhmoe.runs import checkpoint as ckpt
+from mhmoe import checks, distributed
+from mhmoe.config import BitNetConfig
+from mhmoe.data import TrainBatchSampler
+from mhmoe.data.prepare import prepare_run_data
 from mhmoe.evaluate import token_byte_lengths
 from mhmoe.model import TransformerLM
-from mhmoe.runs.validation import check_free_space, checkpoint_bytes_estimate
-from mhmoe.config import BitNetConfig
-from mhmoe import distributed
-from mhmoe.data import TrainBatchSampler
-from mhmoe.training.presets import get_preset, model_config, variant_summary
 from mhmoe.planning.variants import parse_variant, variant_label
-from mhmoe.version import __version__
-from mhmoe.training.loop import LoopResult, train_loop
-from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig
-from mhmoe.runs.validation import check_output_dir
+from mhmoe.runs import checkpoint as ckpt
 from mhmoe.runs.metrics import tensorboard_available
-from mhmoe.data.prepare import prepare_run_data
+from mhmoe.runs.validation import check_free_space, check_output_dir, checkpoint_bytes_estimate
 from mhmoe.runtime import resolve_device, seed_everything
-from mhmoe import checks
+from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig
+from mhmoe.training.loop import LoopResult, train_loop
+from mhmoe.training.presets import get_preset, model_config, variant_summary
+from mhmoe.version import __version__
 
 logger = logging.getLogger(__name__)
 

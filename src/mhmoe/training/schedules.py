@@ -9,10 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mhmoe.training.config import TrainConfig
 from mhmoe import checks
-
-
+from mhmoe.training.config import TrainConfig
 
 
 def two_stage_schedule(
