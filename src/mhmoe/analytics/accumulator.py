@@ -63,16 +63,16 @@ from typing import Any
 import torch
 
 from mhmoe.analytics.stats import (
-    _check_ids,
-    _check_min_share,
-    _distinct_per_token,
-    _pairwise_mean,
-    _top1_agreement_counts,
+    check_ids,
+    check_min_share,
+    distinct_per_token,
     head_expert_counts,
     head_js_divergence,
     load_cv,
     load_entropy,
     load_imbalance,
+    pairwise_mean,
+    top1_agreement_counts,
 )
 from mhmoe.analytics.summary import LayerRoutingSummary, flat_metrics
 from mhmoe.layers.routing import TopKRouter, count_values
@@ -193,7 +193,7 @@ class RoutingStatsAccumulator:
         log_counts: bool = False,
         track_heads: bool = True,
     ) -> None:
-        _check_min_share(min_share)
+        check_min_share(min_share)
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
             raise ValueError(f"prefix={prefix!r}: must be a non-empty name without trailing '/'")
         self.prefix = prefix
@@ -251,7 +251,7 @@ class RoutingStatsAccumulator:
         counts_E = aux.tokens_per_expert.detach()
         ids_NK = aux.expert_ids.detach()
         num_heads = int(getattr(aux, "num_heads", 1))
-        _check_ids(ids_NK, num_heads)
+        check_ids(ids_NK, num_heads)
         num_experts, top_k = counts_E.numel(), ids_NK.shape[1]
         if index == len(self._layers):
             self._layers.append(_LayerState.empty(num_experts, num_heads, top_k, counts_E.device))
@@ -280,10 +280,10 @@ class RoutingStatsAccumulator:
         self._update_entropy(index, state, aux, num_units)
         if num_heads > 1 and self.track_heads and num_units:
             state.distinct_hist += count_values(
-                _distinct_per_token(ids_NK, num_heads), num_heads * top_k + 1
+                distinct_per_token(ids_NK, num_heads), num_heads * top_k + 1
             )
             state.head_counts_HE += head_expert_counts(ids_NK, num_heads, num_experts)
-            state.agree_HH += _top1_agreement_counts(ids_NK, num_heads)
+            state.agree_HH += top1_agreement_counts(ids_NK, num_heads)
 
     def _update_entropy(self, index: int, state: _LayerState, aux: Any, num_units: int) -> None:
         hooked = self._hooks.take(index) if self._hooks is not None else None
@@ -320,7 +320,7 @@ class RoutingStatsAccumulator:
             head_counts_t = state.head_counts_HE.cpu()
             head_counts = head_counts_t.tolist()
             js = head_js_divergence(head_counts_t)
-            agreement = _pairwise_mean(state.agree_HH.cpu()) / state.num_tokens
+            agreement = pairwise_mean(state.agree_HH.cpu()) / state.num_tokens
         has_units = state.num_assignments > 0
         return LayerRoutingSummary(
             layer=index,

@@ -52,7 +52,7 @@ def load_entropy(counts_E: torch.Tensor | Sequence[int]) -> float | None:
 
 def activation_ratio(counts_E: torch.Tensor | Sequence[int], min_share: float = 0.0) -> float:
     """Fraction of experts with c_e >= 1 and c_e >= min_share * M, for one batch's counts."""
-    _check_min_share(min_share)
+    check_min_share(min_share)
     counts = _counts_vector(counts_E)
     threshold = max(1.0, min_share * counts.sum().item())
     return (counts >= threshold).double().mean().item()
@@ -67,7 +67,7 @@ def router_entropy(probs_NE: torch.Tensor) -> float | None:
     return torch.special.entr(probs_NE.detach().double()).sum(-1).mean().item()
 
 
-def _check_ids(expert_ids_NK: torch.Tensor, num_heads: int) -> None:
+def check_ids(expert_ids_NK: torch.Tensor, num_heads: int) -> None:
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads={num_heads!r}: must be a positive integer")
     if expert_ids_NK.dim() != 2:
@@ -82,13 +82,13 @@ def _check_ids(expert_ids_NK: torch.Tensor, num_heads: int) -> None:
         )
 
 
-def _check_min_share(min_share: float) -> None:
+def check_min_share(min_share: float) -> None:
     if isinstance(min_share, bool) or not isinstance(min_share, (int, float)) \
             or not 0.0 <= min_share <= 1.0:
         raise ValueError(f"min_share={min_share!r}: must be a number in [0, 1]")
 
 
-def _distinct_per_token(expert_ids_NK: torch.Tensor, num_heads: int) -> torch.Tensor:
+def distinct_per_token(expert_ids_NK: torch.Tensor, num_heads: int) -> torch.Tensor:
     num_units, top_k = expert_ids_NK.shape
     ids_TJ = expert_ids_NK.reshape(num_units // num_heads, num_heads * top_k)  # (N, K) -> (T, H*K)
     sorted_TJ = ids_TJ.sort(dim=1).values
@@ -98,17 +98,17 @@ def _distinct_per_token(expert_ids_NK: torch.Tensor, num_heads: int) -> torch.Te
 
 def distinct_experts_per_token(expert_ids_NK: torch.Tensor, num_heads: int) -> torch.Tensor:
     """d_t = number of distinct experts among token t's H * K choices; int64 (T,)."""
-    _check_ids(expert_ids_NK, num_heads)
+    check_ids(expert_ids_NK, num_heads)
     if expert_ids_NK.shape[0] == 0:
         return expert_ids_NK.new_zeros(0)
-    return _distinct_per_token(expert_ids_NK, num_heads)
+    return distinct_per_token(expert_ids_NK, num_heads)
 
 
 def head_expert_counts(
     expert_ids_NK: torch.Tensor, num_heads: int, num_experts: int
 ) -> torch.Tensor:
     """c_{a,e}: assignments of head a's sub-tokens to expert e; int64 (H, E)."""
-    _check_ids(expert_ids_NK, num_heads)
+    check_ids(expert_ids_NK, num_heads)
     num_units, top_k = expert_ids_NK.shape
     ids_THK = expert_ids_NK.reshape(num_units // num_heads, num_heads, top_k)  # (N,K)->(T,H,K)
     head_H11 = torch.arange(num_heads, device=ids_THK.device).view(1, num_heads, 1)
@@ -117,7 +117,7 @@ def head_expert_counts(
     )
 
 
-def _pairwise_mean(matrix_HH: torch.Tensor) -> float | None:
+def pairwise_mean(matrix_HH: torch.Tensor) -> float | None:
     num_heads = matrix_HH.shape[0]
     if num_heads < 2:
         return None
@@ -146,10 +146,10 @@ def head_js_divergence(head_counts_HE: torch.Tensor) -> float | None:
             f"head_counts has shape {tuple(head_counts_HE.shape)}: must be (num_heads, E)"
         )
     js_HH = _js_matrix(head_counts_HE)
-    return None if js_HH is None else _pairwise_mean(js_HH)
+    return None if js_HH is None else pairwise_mean(js_HH)
 
 
-def _top1_agreement_counts(expert_ids_NK: torch.Tensor, num_heads: int) -> torch.Tensor:
+def top1_agreement_counts(expert_ids_NK: torch.Tensor, num_heads: int) -> torch.Tensor:
     top1_TH = expert_ids_NK[:, 0].reshape(-1, num_heads)  # (N,) -> (T, H), first choice
     return (top1_TH[:, :, None] == top1_TH[:, None, :]).sum(dim=0)  # (H, H) token counts
 
@@ -157,9 +157,9 @@ def _top1_agreement_counts(expert_ids_NK: torch.Tensor, num_heads: int) -> torch
 def head_top1_agreement(expert_ids_NK: torch.Tensor, num_heads: int) -> float | None:
     """Mean over head pairs a < b of the share of tokens whose heads a, b share the top-1
     expert; None if H < 2 or there is no token."""
-    _check_ids(expert_ids_NK, num_heads)
+    check_ids(expert_ids_NK, num_heads)
     num_tokens = expert_ids_NK.shape[0] // num_heads
     if num_heads < 2 or num_tokens == 0:
         return None
-    agreement = _pairwise_mean(_top1_agreement_counts(expert_ids_NK, num_heads))
+    agreement = pairwise_mean(top1_agreement_counts(expert_ids_NK, num_heads))
     return agreement / num_tokens
