@@ -44,6 +44,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -60,9 +61,11 @@ from mhmoe.bench.peers import (
 from mhmoe.config import DenseConfig, MoEConfig
 from mhmoe.layers.mh_moe import build_ffn
 from mhmoe.model import TransformerLM, lm_loss
-from mhmoe.planning.counts import count_flops
+from mhmoe.planning.counts import count_flops, count_model_flops
 from mhmoe.planning.variants import paper_variants
-from mhmoe.training.presets import get_preset, model_config
+from mhmoe.runs.atomic import atomic_write_text
+from mhmoe.runtime import autocast_context
+from mhmoe.training.presets import Preset, get_preset, model_config
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +204,13 @@ def run_layer_benchmark(
     gshard_capacity_factor: float = 1.25,
     gshard_group_size: int = 512,
     progress: Callable[[str], None] | None = None,
+    matmul_size: int = 4096,
 ) -> dict[str, Any]:
-    """Time every (shape, variant, peer) case round-robin; returns a JSON-able report."""
+    """Time every (shape, variant, peer) case round-robin; returns a JSON-able report.
+
+    ``matmul_size``: the side of the square matmul whose rate is the report's peak (GPUs
+    need a larger one than 4096 to reach theirs; tiny runs a smaller one).
+    """
     dev = torch.device(device)
     say = progress or (lambda message: None)
     results: list[CaseResult] = []
@@ -213,6 +221,7 @@ def run_layer_benchmark(
             x = torch.randn(tokens, d_model, device=dev, dtype=dtype, requires_grad=True)
             grad = torch.randn(tokens, d_model, device=dev, dtype=dtype)
             cases: list[tuple[CaseResult, Callable[[], None]]] = []
+            say(f"d_model {d_model}, {tokens} tokens: preparing {len(variants)} variants (warmup {warmup})")
             for variant in variants:
                 config = configs[variant]
                 torch.manual_seed(seed)
@@ -236,6 +245,7 @@ def run_layer_benchmark(
                         if peer == "gshard":
                             options = dict(capacity_factor=gshard_capacity_factor,
                                            group_size=gshard_group_size)
+                        say(f"  {variant}/{peer}: warmup")  # progress per case: silent for minutes otherwise
                         module = build_peer(peer, layer, **options)
                         step = make_step(module, x, grad)
                         for _ in range(warmup):
@@ -250,7 +260,8 @@ def run_layer_benchmark(
                     cases.append((case, step))
                     results.append(case)
             say(f"d_model {d_model}, {tokens} tokens: {len(cases)} cases x {rounds} rounds")
-            for _ in range(rounds):
+            for round_index in range(rounds):
+                say(f"  round {round_index + 1}/{rounds}")
                 for case, step in cases:
                     _synchronize(dev)
                     start = time.perf_counter()
@@ -264,7 +275,8 @@ def run_layer_benchmark(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "rounds": rounds,
-        "matmul_peak_gflops": matmul_peak_gflops(dev, dtype),
+        "matmul_peak_gflops": matmul_peak_gflops(dev, dtype, size=matmul_size),
+        "matmul_size": matmul_size,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cases": [
             dict(dataclasses.asdict(r), median_s=r.median_s, min_s=r.min_s, gflops=r.gflops)
@@ -333,7 +345,7 @@ def format_layer_report(report: dict[str, Any]) -> str:
 
 
 def run_e2e_benchmark(
-    preset: str = "mini",
+    preset: str | Preset = "mini",
     variants: list[str] = list(VARIANTS),
     rounds: int = 5,
     warmup: int = 2,
@@ -341,24 +353,39 @@ def run_e2e_benchmark(
     device: str = "cpu",
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    fused_optimizer: bool | None = None,
 ) -> dict[str, Any]:
     """Training steps (forward, LM + auxiliary loss, backward, AdamW step) of each variant of
-    a preset, on random token ids, round-robin; tokens/s from the median step time."""
+    a preset (a name or a ``Preset``), on random token ids, round-robin; tokens/s from the
+    median step time.
+
+    ``autocast_dtype``: forward and loss under autocast in that dtype (None: float32), as
+    ``--precision bf16`` trains. ``fused_optimizer``: AdamW's fused kernel (None: on CUDA
+    only, as training uses it there). Each variant's ``train_flops_per_token`` is 3x the
+    analytic forward count (``mhmoe.planning.counts.count_model_flops``), for MFU.
+    """
 
     say = progress or (lambda message: None)
     dev = torch.device(device)
-    spec = get_preset(preset)
+    spec = get_preset(preset) if isinstance(preset, str) else preset
     batch = batch_size or spec.micro_batch_size
+    fused = dev.type == "cuda" if fused_optimizer is None else fused_optimizer
     steps: dict[str, Callable[[], None]] = {}
+    flops_per_token: dict[str, int] = {}
     for variant in variants:
+        say(f"preset {spec.name}: building {variant} (warmup {warmup})")
         torch.manual_seed(seed)
-        model = TransformerLM(model_config(spec, variant)).to(dev)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        config = model_config(spec, variant)
+        flops_per_token[variant] = 3 * count_model_flops(config, spec.seq_len)["total"]
+        model = TransformerLM(config).to(dev)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
         ids = torch.randint(0, spec.vocab_size, (batch, spec.seq_len + 1), device=dev)
 
         def step(model=model, optimizer=optimizer, ids=ids) -> None:
-            out = model(ids[:, :-1])
-            loss = lm_loss(out.logits, ids[:, 1:]) + out.aux_loss
+            with autocast_context(dev, autocast_dtype):
+                out = model(ids[:, :-1])
+                loss = lm_loss(out.logits, ids[:, 1:]) + out.aux_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -366,9 +393,10 @@ def run_e2e_benchmark(
         for _ in range(warmup):
             step()
         steps[variant] = step
-    say(f"preset {preset}: {len(steps)} variants x {rounds} rounds, {batch} x {spec.seq_len} tokens per step")
+    say(f"preset {spec.name}: {len(steps)} variants x {rounds} rounds, {batch} x {spec.seq_len} tokens per step")
     times: dict[str, list[float]] = {v: [] for v in steps}
-    for _ in range(rounds):
+    for round_index in range(rounds):
+        say(f"  round {round_index + 1}/{rounds}")
         for variant, step in steps.items():
             _synchronize(dev)
             start = time.perf_counter()
@@ -378,7 +406,8 @@ def run_e2e_benchmark(
     tokens = batch * spec.seq_len
     return {
         "machine": machine_description(dev),
-        "preset": preset,
+        "preset": spec.name,
+        "precision": "fp32" if autocast_dtype in (None, torch.float32) else str(autocast_dtype).replace("torch.", ""),
         "tokens_per_step": tokens,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -386,7 +415,8 @@ def run_e2e_benchmark(
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "variants": {
             v: {"median_s": statistics.median(t), "min_s": min(t),
-                "tokens_per_s": tokens / statistics.median(t), "times_s": t}
+                "tokens_per_s": tokens / statistics.median(t), "times_s": t,
+                "train_flops_per_token": flops_per_token[v]}
             for v, t in times.items()
         },
     }
@@ -408,6 +438,6 @@ def format_e2e_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict[str, Any], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    """The report as JSON, written atomically (no half-written file when the write fails)."""
+    atomic_write_text(Path(path), json.dumps(report, indent=1))

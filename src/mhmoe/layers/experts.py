@@ -112,7 +112,17 @@ def grouped_mm(
 
     ``offsets_E`` are the int32 cumulative row counts (the end of each expert's block);
     ``counts_E`` the same as a Python list for the fallback (computed when not given).
+
+    Under autocast, float32 rows are cast to the autocast dtype first, as autocast casts the
+    operands of a plain matmul: ``torch._grouped_mm`` has no autocast rule, and on CUDA its
+    only fast kernel is bfloat16 (sm90+); float32 operands take its fallback, which reads the
+    offsets back to the host (a sync per call) and runs float32 matmuls. Without this cast an
+    SMoE layer under bf16 autocast (its rows come from the float32 residual stream, no head
+    layer in between) would do both.
     """
+    device_type = x_MS.device.type
+    if x_MS.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        x_MS = x_MS.to(torch.get_autocast_dtype(device_type))
     if w_EFS.dtype != x_MS.dtype:
         # Autocast does not cover torch._grouped_mm on every device (not on CPU): cast as
         # autocast would, to the activations' dtype.
