@@ -324,10 +324,14 @@ def test_routing_table_markdown_accepts_every_summary_form():
 
 
 def test_token_windows_use_full_windows_only():
-    batches = token_windows(list(range(100)), seq_len=8, batch_size=4, max_tokens=90)
-    # 90 tokens -> 11 windows of 8 -> batches of 4, 4 (the partial third is dropped)
+    batches = token_windows(list(range(200)), seq_len=8, batch_size=4, max_tokens=80)
+    # 200 tokens = 25 windows of 8; 80 tokens -> 10 windows spread over all 25 (floor(i * 25 / 10):
+    # 0, 2, 5, 7, 10, 12, 15, 17, 20, 22) -> batches of 4, 4 (the partial third is dropped)
     assert [tuple(b.shape) for b in batches] == [(4, 8), (4, 8)]
-    assert batches[1][0, 0].item() == 32
+    assert batches[0][:, 0].tolist() == [0, 16, 40, 56]
+    assert batches[1][:, 0].tolist() == [80, 96, 120, 136]
+    assert torch.equal(batches[1][1], torch.arange(96, 104))  # a window is contiguous text
+    assert [tuple(b.shape) for b in token_windows(list(range(100)), 8, 4)] == [(4, 8)] * 3  # all 12
     assert [tuple(b.shape) for b in token_windows(list(range(5)), 8, 4)] == [(1, 5)]
     with pytest.raises(ValueError, match="seq_len=0"):
         token_windows([1, 2], 0, 1)

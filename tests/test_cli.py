@@ -121,7 +121,7 @@ def test_bad_arguments_exit_2_with_a_clear_message(args, message, tmp_path, caps
         (["--variant", "smoe", "--no-head-layer"], "--no-head-layer: variant 'smoe' has no such layer"),
         (["--variant", "dense", "--shared-expert"], "--shared-expert: needs an MoE variant"),
         (["--variant", "mhmoe_h5"], "not divisible by h=5"),
-        (["--tokens", "10"], "--tokens 10: less than one optimiser step"),
+        (["--tokens", "10"], "exceeds --tokens 10"),
         (["--tokens", "1000", "--max-steps", "3"], "give one of them"),
         (["--data", "/nonexistent/corpus"], "/nonexistent/corpus: no such file or folder"),
         (["--warmup-steps", "50", "--max-steps", "10"], "warmup_steps=50"),

@@ -97,8 +97,11 @@ def test_causal_no_future_leakage():
     changed[:, 8:] = (changed[:, 8:] + 17) % 50
     with torch.no_grad():
         a, b = model(ids).logits, model(changed).logits
-    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
-    assert not torch.allclose(a[:, 8:], b[:, 8:])
+    # Not bit-exact: an expert's matmul over a different number of rows (the later tokens route
+    # elsewhere) may round the earlier rows' sums differently in the last bit (measured: up to
+    # 2.4e-7 here, with every dispatch backend). A leak of the future moves logits by ~1e-2.
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:, 8:], b[:, 8:], atol=1e-3)
 
 
 def test_moe_in_every_second_block_and_aux_loss():

@@ -32,7 +32,7 @@ from mhmoe.runs import checkpoint as ckpt
 from mhmoe.runs.metrics import read_metrics
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+TIMING_KEYS = ("tokens_per_s", "elapsed_s", "train_s")
 
 
 def comparable_metrics(run_dir: Path) -> list[dict]:

@@ -13,6 +13,7 @@ Validation raises ``ValueError`` naming the offending value and the rule it brea
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -187,6 +188,33 @@ class BitNetConfig:
         return cls(**fields)
 
 
+MAX_VOCAB_SIZE = 2**24
+"""Largest accepted vocabulary (16,777,216; the largest in use are about 256k): a config.json
+with ``vocab_size`` 1e11 made the model try to allocate terabytes (issue 16)."""
+
+MAX_PARAMETERS = 2**40
+"""Largest accepted model (about 1.1e12 parameters), a bound checked before anything is
+allocated; ``ModelConfig.check_memory`` compares the size with this machine's memory."""
+
+
+def _ffn_parameters(ffn: DenseConfig | MoEConfig | None, d_model: int) -> int:
+    """About the weights of one FFN (SwiGLU's three matrices; a lower bound otherwise)."""
+    if ffn is None:
+        return 0
+    if isinstance(ffn, DenseConfig):
+        return 3 * d_model * ffn.d_ff
+    total = ffn.num_experts * 3 * ffn.d_sub * ffn.d_expert + ffn.num_experts * ffn.d_sub
+    total += d_model * d_model * (int(ffn.has_head) + int(ffn.has_merge))
+    return total + (3 * d_model * ffn.shared_d_ff if ffn.shared_d_ff else 0)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to build a ``TransformerLM``.
@@ -224,6 +252,8 @@ class ModelConfig:
                 f"attention head size d_model/num_attention_heads="
                 f"{self.d_model // self.num_attention_heads}: must be even for rotary embeddings"
             )
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise ValueError(f"vocab_size={self.vocab_size}: must be at most {MAX_VOCAB_SIZE:,}")
         if not isinstance(self.dense_ffn, DenseConfig):
             raise ValueError(f"dense_ffn={self.dense_ffn!r}: must be a DenseConfig")
         if self.moe_ffn is not None and not isinstance(self.moe_ffn, MoEConfig):
@@ -246,6 +276,34 @@ class ModelConfig:
         checks.non_negative_number("z_loss_weight", self.z_loss_weight)
         if self.bitnet is not None and not isinstance(self.bitnet, BitNetConfig):
             raise ValueError(f"bitnet={self.bitnet!r}: must be a BitNetConfig or None")
+        if self.approx_parameters() > MAX_PARAMETERS:
+            raise ValueError(
+                f"model config (vocab_size={self.vocab_size}, d_model={self.d_model}, "
+                f"num_layers={self.num_layers}): about {self.approx_parameters():.3g} parameters, "
+                f"more than the {MAX_PARAMETERS:.3g} accepted"
+            )
+
+    def approx_parameters(self) -> int:
+        """About the parameter count (embeddings, attention, FFNs; norms left out), cheap
+        enough to check sizes from a file before anything is allocated."""
+        embeddings = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        blocks = sum(4 * self.d_model * self.d_model + _ffn_parameters(self.ffn_for_block(i), self.d_model)
+                     for i in range(min(self.num_layers, 2 * self.moe_every)))
+        # Blocks repeat with period moe_every: count two periods exactly, scale the rest.
+        counted = min(self.num_layers, 2 * self.moe_every)
+        return embeddings + blocks * self.num_layers // counted
+
+    def check_memory(self, what: str) -> None:
+        """ValueError naming ``what`` (e.g. a config.json) when the float32 weights alone would
+        not fit in this machine's memory: refused before allocating, not a MemoryError."""
+        needed = 4 * self.approx_parameters()
+        memory = _physical_memory()
+        if memory is not None and needed > memory:
+            raise ValueError(
+                f"{what}: a model of about {self.approx_parameters():,} parameters needs "
+                f"{needed / 2**30:,.1f} GiB for its weights, more than this machine's "
+                f"{memory / 2**30:,.1f} GiB of memory"
+            )
 
     @property
     def head_size(self) -> int:

@@ -237,7 +237,16 @@ def sample_next(
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits_BV = logits_BV / temperature
+    scaled_BV = logits_BV / temperature
+    if not bool(torch.isfinite(scaled_BV).all()):
+        # A tiny temperature (1e-320 in issue 16) overflows logits / T to inf, and softmax of
+        # inf - inf is NaN (multinomial then raised RuntimeError). Shifting by the row maximum
+        # first is the same distribution (softmax is shift-invariant) without the overflow: the
+        # maximum maps to 0, the rest to large negative numbers or -inf. Only taken when needed,
+        # so ordinary temperatures sample exactly as before.
+        shifted_BV = logits_BV - logits_BV.max(dim=-1, keepdim=True).values
+        scaled_BV = torch.where(shifted_BV == 0, torch.zeros_like(shifted_BV), shifted_BV / temperature)
+    logits_BV = scaled_BV
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[..., -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))

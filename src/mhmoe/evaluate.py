@@ -9,9 +9,11 @@ encoding n_bytes bytes of UTF-8 text:
 
 Windows are sequential and non-overlapping (``mhmoe.data.batching.eval_batches``): every token
 but the first is predicted exactly once, with up to ``seq_len`` tokens of context.
-``max_tokens`` evaluates only the first ``max_tokens`` targets of a set (the byte count then
-comes from the per-token byte lengths of a byte-level tokenizer, exact; for other tokenizers
-the set's byte count is scaled by the share of targets evaluated, and the result says so).
+``max_tokens`` evaluates ``ceil(max_tokens / seq_len)`` of those windows, spread evenly over the
+whole set (not its opening), so about ``max_tokens`` targets. The byte count then comes from
+the per-token byte lengths of a byte-level tokenizer, exact; for other tokenizers the set's
+byte count is scaled by the share of targets evaluated, and the result says so. Every result
+carries the standard error of its loss over windows (``EvalResult.loss_se``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalResult:
-    """One evaluation set's numbers."""
+    """One evaluation set's numbers.
+
+    ``loss_se`` is the standard error of ``loss`` with the evaluation windows as the sampling
+    units (ratio estimator: sqrt(W / (W - 1) * sum_w (nll_w - loss * n_w)^2) / sum_w n_w); it
+    measures how much the number would move on other text of the same kind, and ignores the
+    correlation between neighbouring windows. ``window_nll`` / ``window_targets`` hold the
+    per-window sums behind it, in window order: two models evaluated on the same set and settings
+    see the same windows, so paired differences can be taken window by window.
+    """
 
     name: str
     loss: float  # mean nats per target token
@@ -48,9 +58,27 @@ class EvalResult:
     tokens: int  # target tokens evaluated
     bytes: int | None  # bytes of text those targets encode
     bytes_exact: bool = True
+    loss_se: float | None = None  # None with a single window
+    windows: int = 0
+    window_nll: np.ndarray | None = field(default=None, repr=False, compare=False)
+    window_targets: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("window_nll")
+        data.pop("window_targets")
+        return data
+
+
+def ratio_standard_error(window_nll: np.ndarray, window_targets: np.ndarray) -> float | None:
+    """Standard error of ``sum(nll) / sum(n)`` over windows (see ``EvalResult``); None for < 2."""
+    count = int(window_nll.shape[0])
+    if count < 2:
+        return None
+    total = float(window_targets.sum())
+    loss = float(window_nll.sum()) / total
+    residual = window_nll - loss * window_targets
+    return math.sqrt(count / (count - 1) * float(np.square(residual).sum())) / total
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
@@ -96,7 +124,7 @@ def evaluate_tokens(
     """Loss, perplexity and bits per byte of ``model`` on one token array (module docstring).
 
     ``n_bytes`` is the byte count of the whole array's text; ``byte_lengths`` (from
-    ``token_byte_lengths``) makes the count exact for a ``max_tokens`` prefix.
+    ``token_byte_lengths``) makes the byte count exact for a ``max_tokens`` selection of windows.
     """
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens={max_tokens!r}: must be a positive integer or None")
@@ -104,32 +132,41 @@ def evaluate_tokens(
     total_targets = int(tokens.shape[0]) - 1
     if total_targets < 1:
         raise ValueError(f"evaluation set {name!r} has {tokens.shape[0]} tokens; at least 2 are needed")
-    used = tokens if max_tokens is None or max_tokens >= total_targets else tokens[: max_tokens + 1]
+    max_windows = None if max_tokens is None else math.ceil(max_tokens / seq_len)
     was_training = model.training
     model.eval()
-    nll_sum = 0.0
-    n_targets = 0
+    window_nll: list[np.ndarray] = []
+    window_targets: list[np.ndarray] = []
+    evaluated_bytes_exact = 0
     try:
-        for batch in eval_batches(used, seq_len, batch_size):
+        for batch in eval_batches(tokens, seq_len, batch_size, max_windows=max_windows):
             inputs = batch.inputs.to(device)
             targets = batch.targets.to(device)
             with autocast_context(device, autocast_dtype):
                 logits = model(inputs).logits
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
+            rows, width = targets.shape
+            nll_BT = F.cross_entropy(
+                logits.reshape(rows * width, -1).float(),  # (B, T, V) -> (B*T, V): no transposed copy
                 targets.reshape(-1),
                 ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            nll_sum += float(nll)
-            n_targets += batch.n_targets
+                reduction="none",
+            ).view(rows, width)
+            window_nll.append(nll_BT.sum(dim=1).double().cpu().numpy())
+            real = batch.targets != IGNORE_INDEX
+            window_targets.append(real.sum(dim=1).numpy())
+            if byte_lengths is not None:
+                evaluated_bytes_exact += int(byte_lengths[batch.targets[real].numpy()].sum())
     finally:
         model.train(was_training)
+    nll_W = np.concatenate(window_nll)
+    targets_W = np.concatenate(window_targets).astype(np.float64)
+    nll_sum = float(nll_W.sum())
+    n_targets = int(targets_W.sum())
     loss = nll_sum / n_targets
     evaluated_bytes: int | None
     exact = True
     if byte_lengths is not None:
-        evaluated_bytes = int(byte_lengths[np.asarray(used[1:], dtype=np.int64)].sum())
+        evaluated_bytes = evaluated_bytes_exact
     elif n_bytes is not None:
         evaluated_bytes = n_bytes if n_targets == total_targets else round(n_bytes * n_targets / total_targets)
         exact = n_targets == total_targets
@@ -144,6 +181,10 @@ def evaluate_tokens(
         tokens=n_targets,
         bytes=evaluated_bytes,
         bytes_exact=exact,
+        loss_se=ratio_standard_error(nll_W, targets_W),
+        windows=int(nll_W.shape[0]),
+        window_nll=nll_W,
+        window_targets=targets_W.astype(np.int64),
     )
 
 
@@ -177,13 +218,15 @@ def evaluate_sets(
 
 
 def metrics_line(results: dict[str, EvalResult]) -> dict[str, float]:
-    """Flat metrics keys: ``eval/<name>/loss``, ``/ppl``, ``/bpb``, ``/tokens``."""
+    """Flat metrics keys: ``eval/<name>/loss``, ``/ppl``, ``/bpb``, ``/loss_se``, ``/tokens``."""
     line: dict[str, float] = {}
     for name, result in results.items():
         line[f"eval/{name}/loss"] = result.loss
         line[f"eval/{name}/ppl"] = result.ppl
         if result.bpb is not None:
             line[f"eval/{name}/bpb"] = result.bpb
+        if result.loss_se is not None:
+            line[f"eval/{name}/loss_se"] = result.loss_se
         line[f"eval/{name}/tokens"] = result.tokens
     return line
 

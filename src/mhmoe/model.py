@@ -140,7 +140,14 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attention = Attention(config.d_model, config.num_attention_heads)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffn = build_ffn(ffn_config)
+        # Paired seeds (mhmoe reproduce): the feed-forward layer, the only module that differs
+        # between variants, draws its initial weights from a stream of its own (seeded from the
+        # shared stream, which it leaves where it was), so with one seed every other module
+        # (embedding, attention, norms, LM head) starts from the same weights in every variant.
+        ffn_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))  # also under a meta-device build
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(ffn_seed)  # the CPU generator only
+            self.ffn = build_ffn(ffn_config)
         self.is_moe = isinstance(ffn_config, MoEConfig)
 
     def forward(

@@ -50,11 +50,54 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads() -> int:
-    """Torch threads when not given: one per usable core (deterministic, so a resumed run
-    computes with the same kernels). On a machine already busy with other processes,
-    oversubscribed OpenMP threads spin and run several times slower: pass ``threads``."""
-    return available_cores()
+THREADS_PER_CORE_LIMIT = 4
+"""``--threads`` may oversubscribe the cores at most this many times: far more OpenMP threads
+than cores only spin, and ``--threads 100000`` made OpenMP crash the process (SIGSEGV)."""
+
+
+def max_threads() -> int:
+    """The largest accepted torch thread count on this machine (``THREADS_PER_CORE_LIMIT``
+    per usable core)."""
+    return THREADS_PER_CORE_LIMIT * available_cores()
+
+
+def check_threads(name: str, threads: int) -> None:
+    """ValueError naming ``threads`` unless it is a positive integer <= ``max_threads()``."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"{name}={threads!r}: must be a positive integer")
+    if threads > max_threads():
+        raise ValueError(
+            f"{name}={threads}: must be at most {max_threads()} ({THREADS_PER_CORE_LIMIT} per usable core; "
+            f"this machine has {available_cores()})"
+        )
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # pragma: no cover - not Unix
+        return None
+
+
+def default_threads(processes: int = 1) -> int:
+    """Torch threads per process when none are given: the usable cores not already busy
+    (cores minus the 1-minute load average, rounded), shared by this node's ``processes``,
+    at least 1.
+
+    Why: OpenMP threads that find their cores taken spin; measured on a 2-core machine with
+    two other single-threaded trainings running (load average ~5), ``mhmoe train --preset demo
+    --variant mhmoe_h3 --max-steps 20`` took 31-198 s of step time with 2 threads and 2.6 s
+    with 1 (docs/distributed.md, "Threads"). The value depends on the machine's load at the
+    moment, so a run records the count it chose (config.json ``train.threads``) and a resume
+    reuses it: the same kernels, bit-identical results."""
+    cores = available_cores()
+    share = max(1, cores // max(1, processes))
+    load = load_average()
+    if load is None:
+        return share
+    idle = max(1, round(cores - load))
+    return max(1, min(share, idle // max(1, processes)))
 
 
 def seed_everything(seed: int) -> None:

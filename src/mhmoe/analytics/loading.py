@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mhmoe.analytics.accumulator import analyze_model
+from mhmoe.data.batching import spread_window_indices
 from mhmoe.data.cache import MANIFEST_SUFFIX, TOKENS_SUFFIX, open_token_file, read_manifest
 from mhmoe.data.sources import local_source
 from mhmoe.runs.checkpoint import load_run
@@ -24,26 +25,28 @@ HELDOUT_CACHE = "eval-heldout"
 def token_windows(
     tokens: Any, seq_len: int, batch_size: int, max_tokens: int | None = None
 ) -> list[torch.Tensor]:
-    """Token ids (B, seq_len) batches cut from a 1-D token array: the first ``max_tokens``
-    tokens in non-overlapping windows. Only full windows are used (a padded window would route
-    padding tokens and count them), and the last batch is dropped when it has fewer rows than
-    ``batch_size`` and a full batch exists (the activation ratio depends on the batch size).
-    A set shorter than one window gives one shorter window."""
+    """Token ids (B, seq_len) batches cut from a 1-D token array in non-overlapping windows:
+    all of them, or with ``max_tokens`` about that many tokens in windows spread evenly over the
+    whole array (``mhmoe.data.batching.spread_window_indices``, as the evaluation does), so the
+    counts describe the whole set and not its opening. Only full windows are used (a padded
+    window would route padding tokens and count them), and the last batch is dropped when it has
+    fewer rows than ``batch_size`` and a full batch exists (the activation ratio depends on the
+    batch size). A set shorter than one window gives one shorter window."""
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                    or max_tokens < 1):
         raise ValueError(f"max_tokens={max_tokens!r}: must be a positive integer or None")
-    ids = torch.from_numpy(
-        np.array(tokens[:max_tokens] if max_tokens else tokens[:], dtype=np.int64)
-    )
-    if ids.dim() != 1 or ids.numel() == 0:
-        raise ValueError(f"token array of shape {tuple(ids.shape)}: must be 1-D and non-empty")
-    num_windows = ids.numel() // seq_len
+    if getattr(tokens, "ndim", 1) != 1 or len(tokens) == 0:
+        raise ValueError(f"token array of shape {tuple(np.shape(tokens))}: must be 1-D and non-empty")
+    num_windows = len(tokens) // seq_len
     if num_windows == 0:
-        return [ids.view(1, -1)]
-    windows_WT = ids[: num_windows * seq_len].view(num_windows, seq_len)  # (W*T,) -> (W, T)
+        return [torch.from_numpy(np.array(tokens[:], dtype=np.int64)).view(1, -1)]
+    chosen = spread_window_indices(num_windows, None if max_tokens is None else -(-max_tokens // seq_len))
+    windows_WT = torch.from_numpy(np.stack(
+        [np.asarray(tokens[start * seq_len: (start + 1) * seq_len], dtype=np.int64) for start in chosen.tolist()]
+    ))  # (W, T)
     batches = list(windows_WT.split(batch_size))
     if len(batches) > 1 and batches[-1].shape[0] < batch_size:
         batches.pop()

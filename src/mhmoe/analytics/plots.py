@@ -39,7 +39,8 @@ def plot_expert_load(summary: Any, path: str | Path, title: str | None = None) -
     for row, layer in enumerate(layers):
         counts = torch.tensor(layer.tokens_per_expert, dtype=torch.float64)
         grid[row, : counts.numel()] = counts / counts.mean()
-    fig = _new_figure(min(3 + 0.18 * width, 20), 1.5 + 0.45 * len(layers))
+    # At most 12 x 3+ inches: a 96-expert layer stays legible without a 2200-pixel-wide strip.
+    fig = _new_figure(min(4 + 0.09 * width, 12), max(3.0, 1.4 + 0.5 * len(layers)))
     ax = fig.add_subplot()
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
                       vmin=0.0)
@@ -125,6 +126,58 @@ def plot_activation_ratio(summaries_by_variant: Mapping[str, Any], path: str | P
     ax.set_ylabel("experts activated per batch (%)")
     ax.set_title("Activation ratio per variant")
     ax.set_xlabel("bar: mean over MoE layers; dots: single layers", fontsize=8)
+    return _save(fig, path)
+
+
+LOAD_THRESHOLD = 0.5  # "active" in the thresholded share: at least half of a uniform share
+
+
+def sorted_load_shares(summary: Any) -> list[torch.Tensor]:
+    """Per MoE layer with counts: c_e / mean_e c_e sorted in decreasing order (1 = uniform)."""
+    shares = []
+    for layer in layers_of(summary):
+        counts = torch.tensor(layer.tokens_per_expert, dtype=torch.float64)
+        if counts.numel() and counts.sum() > 0:
+            shares.append(torch.sort(counts / counts.mean(), descending=True).values)
+    return shares
+
+
+def plot_load_distribution(summaries_by_variant: Mapping[str, Any], path: str | Path,
+                           threshold: float = LOAD_THRESHOLD) -> Path:
+    """Left: each variant's expert-load distribution, c_e / mean c_e sorted from the busiest
+    expert down, against the expert's rank as a share of E (mean over MoE layers; a flat line at
+    1 is perfect balance, a drop to 0 marks unused experts). Right: the thresholded activation
+    share, the fraction of experts receiving at least ``threshold`` of a uniform share (bar: mean
+    over layers; dots: layers). Counts come from ``analyze`` reports (whole evaluation windows),
+    so they are corpus-level, unlike the per-batch activation ratio that saturates at 100%."""
+    curves = {name: sorted_load_shares(summary) for name, summary in summaries_by_variant.items()}
+    curves = {name: layers for name, layers in curves.items() if layers}
+    if not curves:
+        raise ValueError("plot_load_distribution: no variant with expert counts to plot")
+    fig = _new_figure(11.0, 4.0)
+    left, right = fig.subplots(1, 2, width_ratios=(1.6, 1))
+    for index, (name, layers) in enumerate(curves.items()):
+        experts = layers[0].numel()
+        same_width = [layer for layer in layers if layer.numel() == experts]
+        mean_curve = torch.stack(same_width).mean(dim=0)
+        ranks = (torch.arange(experts, dtype=torch.float64) + 0.5) / experts
+        left.plot(ranks.numpy(), mean_curve.numpy(), color=f"C{index}", label=f"{name} (E={experts})")
+        active = [float((layer >= threshold).double().mean()) for layer in layers]
+        mean_active = sum(active) / len(active)
+        right.bar(index, 100 * mean_active, width=0.6, color=f"C{index}")
+        right.scatter([index] * len(active), [100 * a for a in active], color="black", s=8, zorder=3)
+        right.annotate(f"{100 * mean_active:.0f}%", (index, 100 * mean_active), ha="center", va="bottom", fontsize=8)
+    left.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    left.axhline(threshold, color="grey", linewidth=0.6, linestyle=":")
+    left.set_xlabel("expert rank / number of experts (busiest first)")
+    left.set_ylabel("load / mean load")
+    left.set_title("Expert-load distribution (mean over MoE layers)", fontsize=9)
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    right.set_xticks(range(len(curves)), list(curves), rotation=20, ha="right", fontsize=8)
+    right.set_ylim(0, 105)
+    right.set_ylabel(f"experts with load >= {threshold:g} x mean (%)", fontsize=8)
+    right.set_title("Thresholded activation share", fontsize=9)
     return _save(fig, path)
 
 

@@ -14,6 +14,8 @@ import logging
 import pkgutil
 import sys
 
+from mhmoe.runs.preemption import EXIT_PREEMPTED, Preempted
+
 
 class CLIError(Exception):
     """A user error: printed as one line on stderr, exit status 2, no traceback."""
@@ -53,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         # Not a usage error: a full disk, an I/O failure, training that diverged
         # (mhmoe.runs.validation.NonFiniteError). One line, exit status 1; checkpoints stay intact.
         print(f"mhmoe {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as stopped:
+        # SIGTERM/SIGINT during training: the step finished and a checkpoint was written.
+        print(f"mhmoe {args.command}: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except MemoryError as err:
+        # An allocation larger than the machine (sizes are bounded where they are read, this
+        # is the last line of defence): one line, exit 1 like any environment failure.
+        print(f"mhmoe {args.command}: error: out of memory{f' ({err})' if str(err) else ''}; "
+              "use a smaller model, batch or input", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"mhmoe {args.command}: interrupted", file=sys.stderr)

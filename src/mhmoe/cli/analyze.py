@@ -21,6 +21,7 @@ the report: {"layers": [{"layer", "tokens_per_expert", "load_imbalance", "activa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,10 @@ from typing import Any
 from mhmoe.analytics.loading import DEFAULT_MAX_TOKENS, analyze_run
 from mhmoe.analytics.plots import write_plots
 from mhmoe.analytics.summary import layers_of
+from mhmoe.data.cache import check_cache_tokenizer, is_cache_path
+from mhmoe.runs import lock as run_lock
+from mhmoe.runs.atomic import atomic_write_text
+from mhmoe.runs.checkpoint import read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +101,17 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data is not None and is_cache_path(args.data):
+        # A token cache is only meaningful with the tokenizer it was built with (issue 16).
+        check_cache_tokenizer(args.data, read_run_config(args.run_dir).get("tokenizer_sha256"))
+    out_dir = args.out if args.out is not None else args.run_dir / "routing"
+    # Writing into the run folder: not while a trainer holds it (mhmoe.runs.lock).
+    writes_run = args.out is None and Path(args.run_dir).is_dir()
+    with run_lock.locked(args.run_dir, "mhmoe analyze") if writes_run else contextlib.nullcontext():
+        return _run(args, out_dir)
+
+
+def _run(args: argparse.Namespace, out_dir: Path) -> int:
     report = analyze_run(
         args.run_dir,
         data=args.data,
@@ -106,9 +122,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         min_share=args.min_share,
     )
-    out_dir = args.out if args.out is not None else args.run_dir / "routing"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "routing.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "routing.json", json.dumps(report, indent=1) + "\n")
     written = [out_dir / "routing.json"]
     if report["layers"] and not args.no_plots:
         written += write_plots(report, out_dir)

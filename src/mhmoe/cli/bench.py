@@ -14,12 +14,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 
 import torch
 
 from mhmoe import bench
 from mhmoe.cli import CLIError
-from mhmoe.runtime import DTYPES
+from mhmoe.cli.options import (
+    non_negative_int,
+    positive_float,
+    positive_int,
+    thread_count,
+)
+from mhmoe.runtime import DTYPES, available_cores, default_threads
+
+BENCH_MEMORY_SHARE = 0.5
+"""The input and gradient of a layer case may use at most this share of the machine's memory
+(``--tokens 10**12`` would end in an allocator error after minutes of other cases)."""
 
 
 def register(subparsers) -> None:
@@ -33,24 +45,26 @@ def register(subparsers) -> None:
     sub.required = True
 
     layers = sub.add_parser("layers", help="layer forward+backward time, memory, GFLOP/s vs peers")
-    layers.add_argument("--d-model", type=int, nargs="+", default=[192])
-    layers.add_argument("--tokens", type=int, nargs="+", default=[16384])
+    # Typed: --tokens -5 raised a traceback and --tokens 0 printed a 0-token "result" (issue 16).
+    layers.add_argument("--d-model", type=positive_int, nargs="+", default=[192])
+    layers.add_argument("--tokens", type=positive_int, nargs="+", default=[16384])
     layers.add_argument("--variants", nargs="+", default=list(bench.VARIANTS), choices=bench.VARIANTS)
     layers.add_argument("--peers", nargs="+", default=list(bench.PEERS), choices=bench.PEERS)
-    layers.add_argument("--rounds", type=int, default=7, help="timed rounds (median reported)")
-    layers.add_argument("--warmup", type=int, default=2)
+    layers.add_argument("--rounds", type=positive_int, default=7, help="timed rounds (median reported)")
+    layers.add_argument("--warmup", type=non_negative_int, default=2)
     layers.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    layers.add_argument("--gshard-capacity-factor", type=float, default=1.25)
-    layers.add_argument("--gshard-group-size", type=int, default=512)
+    layers.add_argument("--gshard-capacity-factor", type=positive_float, default=1.25)
+    layers.add_argument("--gshard-group-size", type=positive_int, default=512)
     _common(layers)
     layers.set_defaults(func=_layers)
 
     e2e = sub.add_parser("e2e", help="training tokens/s of a preset's variants")
     e2e.add_argument("--preset", default="mini")
     e2e.add_argument("--variants", nargs="+", default=list(bench.VARIANTS))
-    e2e.add_argument("--rounds", type=int, default=5)
-    e2e.add_argument("--warmup", type=int, default=2)
-    e2e.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's micro batch)")
+    e2e.add_argument("--rounds", type=positive_int, default=5)
+    e2e.add_argument("--warmup", type=non_negative_int, default=2)
+    e2e.add_argument("--batch-size", type=positive_int, default=None,
+                     help="sequences per step (default: the preset's micro batch)")
     _common(e2e)
     e2e.set_defaults(func=_e2e)
 
@@ -59,33 +73,57 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the full report (all times) here")
+    p.add_argument("--threads", type=thread_count, default=None,
+                   help="torch CPU threads (default: the usable cores not busy by the load average)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the full report (all times) here")
+
+
+def _check_json_path(path: Path | None) -> None:
+    """--json is checked before the benchmark runs (it failed only after minutes of cases)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise CLIError(f"--json {path}: is a folder; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise CLIError(f"--json {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--json {path}: the folder {parent} is not writable")
 
 
 def _setup(args) -> torch.dtype:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device available")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads={args.threads}: must be a positive integer")
-        torch.set_num_threads(args.threads)
-    else:
-        import os
-
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(cores or 1)
+    _check_json_path(args.json)
+    # Default: the idle cores, as mhmoe train (oversubscribed OpenMP threads spin under load).
+    threads = args.threads if args.threads is not None else default_threads()
+    torch.set_num_threads(threads)
+    logging.getLogger("mhmoe.bench").info("%d torch thread(s) (%d usable cores)", threads, available_cores())
     if args.dtype is None:
         return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     return DTYPES[args.dtype]
 
 
+def _check_layer_memory(args, dtype: torch.dtype) -> None:
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return
+    size = torch.empty((), dtype=dtype).element_size()
+    for d_model in args.d_model:
+        for tokens in args.tokens:
+            needed = 2 * tokens * d_model * size  # the input and its gradient
+            if needed > BENCH_MEMORY_SHARE * memory:
+                raise CLIError(
+                    f"--tokens {tokens} x --d-model {d_model}: the input and its gradient alone need "
+                    f"{needed / 2**30:,.1f} GiB, more than half of this machine's {memory / 2**30:,.1f} GiB"
+                )
+
+
 def _layers(args) -> int:
     dtype = _setup(args)
-    for name in ("rounds", "warmup", "gshard_group_size"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            raise CLIError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
+    _check_layer_memory(args, dtype)
     report = bench.run_layer_benchmark(
         args.d_model, args.tokens, args.variants, args.peers, rounds=args.rounds,
         warmup=args.warmup, device=args.device, dtype=dtype, memory=not args.no_memory,

@@ -106,10 +106,23 @@ class TokenStreamer:
             self.written = text
 
 
+def _check_prompt(prompt: str) -> None:
+    """--prompt must be text: bytes that are not UTF-8 in argv (``$'caf\\xe9'``, Latin-1) reach
+    Python as lone surrogates, which the tokenizer refused with a TypeError (issue 16)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raw = prompt.encode("utf-8", "surrogateescape")[: err.start + 1]
+        raise CLIError(
+            f"--prompt {prompt.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8 text "
+            f"(byte 0x{raw[-1]:02x} at byte offset {len(raw) - 1}); pass UTF-8 text"
+        ) from None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-
+    _check_prompt(args.prompt)
     device = resolve_device(args.device)
     model, tokenizer, description = load_model(args.model, args.step, str(device))
     prompt_ids = [tokenizer.eot_id, *tokenizer.encode(args.prompt)]

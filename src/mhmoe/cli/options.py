@@ -14,6 +14,7 @@ from pathlib import Path
 from mhmoe.data.splits import DEFAULT_HELDOUT_FRACTION, parse_eval_spec, parse_eval_specs
 from mhmoe.data.tokenizer import DEFAULT_SAMPLE_BYTES
 from mhmoe.planning.variants import parse_variant
+from mhmoe.runtime import THREADS_PER_CORE_LIMIT, check_threads
 from mhmoe.training.presets import preset_names
 from mhmoe.training.run import RunOptions
 
@@ -52,6 +53,20 @@ positive_float = _argument_type("positive_float", float, "a number", "> 0", "a f
 non_negative_float = _argument_type("non_negative_float", float, "a number", ">= 0", "a finite number >= 0",
                                     lambda v: 0 <= v < math.inf)
 fraction_0_1 = _argument_type("fraction_0_1", float, "a number", "in [0, 1)", "in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def thread_count(text: str) -> int:
+    """``--threads``: a positive integer, at most ``THREADS_PER_CORE_LIMIT`` per usable core
+    (``--threads 100000`` made OpenMP crash the process with SIGSEGV)."""
+    value = positive_int(text)
+    try:
+        check_threads("--threads", value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be at most {THREADS_PER_CORE_LIMIT} per usable core of this machine"
+        ) from None
+    return value
+
 
 
 def token_count(text: str) -> int:
@@ -159,10 +174,17 @@ def add_training_arguments(parser: argparse.ArgumentParser, single_run: bool = T
     group.add_argument("--z-loss-weight", type=non_negative_float, default=0.0, metavar="W",
                        help="weight of the router z-loss (default 0)")
     group.add_argument("--eval-tokens", type=positive_int, metavar="N",
-                       help="evaluate at most N tokens of each set (default: the preset's)")
+                       help="evaluate about N tokens of each set, in windows spread over the whole set "
+                            "(default: the preset's)")
+    group.add_argument("--final-eval-tokens", type=positive_int, metavar="N",
+                       help="tokens per set at the final evaluation, the one the results compare "
+                            "(default: the preset's; mini 262,144)")
     group.add_argument("--eval-every", type=positive_int, metavar="N", help="also evaluate every N steps")
     group.add_argument("--save-every", type=positive_int, metavar="N",
                        help="also checkpoint every N steps (always at evaluations and the end)")
+    group.add_argument("--save-minutes", type=non_negative_float, metavar="M",
+                       help="also checkpoint every M minutes of wall-clock time (default 10; 0: off), so a "
+                            "preempted job loses minutes; SIGTERM/SIGINT also save (docs/reliability.md)")
     group.add_argument("--keep-checkpoints", type=positive_int, default=2, metavar="N",
                        help="periodic checkpoints to keep (evaluation and final ones are always kept; default 2)")
     group.add_argument("--max-skipped-steps", type=positive_int, default=5, metavar="N",
@@ -171,8 +193,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, single_run: bool = T
     group.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="auto (default): bf16 autocast on GPU, fp32 on CPU")
-    group.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: all usable cores)")
+    group.add_argument("--threads", type=thread_count, metavar="N",
+                       help="torch CPU threads (default: the usable cores not busy by the load average, "
+                            "chosen when the run starts and recorded for --resume)")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    group.add_argument("--progress-every", type=non_negative_float, metavar="S",
+                       help="off a terminal, log a progress line (step, loss, tokens/s, ETA) every S seconds "
+                            "(default 60; 0: off)")
+    group.add_argument("--allow-unchecked-state", action="store_true",
+                       help="accept checkpoints whose state.json lacks its state_sha256 checksum (refused "
+                            "by default: their step and other values cannot be verified)")
     group.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs tensorboard)")
 
 

@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="head-merge: SMoE/fine-grained +- head&merge, MH-MoE h=2 none/head/merge/both (Tables 4-5)")
     parser.add_argument("--eval-points", type=positive_int, default=4, metavar="N",
                         help="evaluate at N evenly spaced points for the curves (always 50%% and 100%%; default 4)")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="train nothing: write the tables from the runs under --out that have finished "
+                             "(the others are left out, with a warning)")
     add_data_arguments(parser)
     add_training_arguments(parser, single_run=False)
     parser.set_defaults(func=run_reproduce)
@@ -64,6 +67,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         shared_expert=args.shared_expert,
         ablation=args.ablation,
         eval_points=args.eval_points,
+        summarize_only=args.summarize_only,
     )
     results = reproduce(options)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")

@@ -4,6 +4,13 @@
     mhmoe train --preset demo --variant mhmoe_h2 --out runs/h2 --resume   # continue
 
 The run folder layout is documented in ``mhmoe.runs.checkpoint``. Shared options: ``mhmoe.cli.options``.
+
+On a cluster (docs/reliability.md): SIGTERM or SIGINT finish the current step, write a
+checkpoint and exit with status 75 (``mhmoe.runs.preemption.EXIT_PREEMPTED``; continue with
+--resume), a second signal aborts at once; checkpoints are also written every --save-minutes
+(default 10) and every 10% of the run; one trainer per run folder (an flock on
+OUT/.mhmoe.lock; a second one is refused naming the holder's pid). Without --threads the
+thread count comes from the load average when the run starts and is recorded for --resume.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ order and takes its own ``batch_size`` windows of each global step, so ranks nev
 Evaluation (:func:`eval_batches`): windows ``tokens[s : s + seq_len + 1]`` for
 ``s = 0, seq_len, 2 * seq_len, ...``, so every token but the first is a target exactly once.
 The last window may be shorter; rows are padded with ``ignore_index`` targets, and each batch
-reports its number of real targets. Summing ``cross_entropy(..., reduction="sum",
+reports its number of real targets. ``max_windows`` keeps only that many windows, spread evenly
+over the whole set (window ``floor(i * W / n)`` for ``i < n`` of the ``W`` windows), so a cheap
+evaluation samples every part of a multi-document set instead of its opening. Summing ``cross_entropy(..., reduction="sum",
 ignore_index=-100)`` over all batches and dividing by ``n_bytes * ln 2`` gives bits per byte
 (:func:`bits_per_byte`).
 
@@ -174,6 +176,16 @@ def count_eval_windows(n_tokens: int, seq_len: int) -> int:
     return math.ceil((n_tokens - 1) / seq_len) if n_tokens > 1 else 0
 
 
+def spread_window_indices(n_windows: int, max_windows: int | None) -> np.ndarray:
+    """Indices of ``min(n_windows, max_windows)`` windows spread evenly over ``range(n_windows)``:
+    ``floor(i * n_windows / n)``; every window when ``max_windows`` is None or large enough."""
+    if max_windows is not None:
+        _require_positive("max_windows", max_windows)
+    if max_windows is None or max_windows >= n_windows:
+        return np.arange(n_windows)
+    return (np.arange(max_windows, dtype=np.int64) * n_windows) // max_windows
+
+
 def eval_batches(
     tokens: np.ndarray,
     seq_len: int,
@@ -182,6 +194,7 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     ignore_index: int = IGNORE_INDEX,
+    max_windows: int | None = None,
 ) -> Iterator[EvalBatch]:
     """Sequential non-overlapping windows covering every target token once (module docstring).
 
@@ -195,7 +208,8 @@ def eval_batches(
     if tokens.ndim != 1 or tokens.shape[0] < 2:
         raise ValueError(f"an evaluation set needs a 1-D array of at least 2 tokens, got shape {tokens.shape}")
     n_targets_total = tokens.shape[0] - 1
-    starts = np.arange(0, n_targets_total, seq_len)[rank::world_size]
+    all_starts = np.arange(0, n_targets_total, seq_len)
+    starts = all_starts[spread_window_indices(all_starts.shape[0], max_windows)][rank::world_size]
     for first in range(0, starts.shape[0], batch_size):
         batch_starts = starts[first : first + batch_size]
         lengths = np.minimum(seq_len, n_targets_total - batch_starts)  # real targets per row

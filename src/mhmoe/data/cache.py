@@ -133,6 +133,34 @@ def read_manifest(manifest_path: Path, tokens_path: Path | None = None) -> dict[
     return manifest
 
 
+def is_cache_path(path: Path) -> bool:
+    """Whether ``path`` names a token cache (its ``.tokens`` file or its manifest)."""
+    return Path(path).name.endswith((TOKENS_SUFFIX, MANIFEST_SUFFIX))
+
+
+def check_cache_tokenizer(path: Path, tokenizer_sha256: str | None, flag: str = "--data") -> dict[str, Any]:
+    """The manifest of the token cache ``path`` (``.tokens`` or ``.manifest.json``), checked to
+    have been built with the tokenizer of hash ``tokenizer_sha256``; ValueError naming both
+    hashes otherwise. Why: ids of another tokenizer run through a model give plausible
+    nonsense (a smaller vocabulary fits in the embedding), never an error (issue 16)."""
+    path = Path(path)
+    stem = path.name[: -len(TOKENS_SUFFIX)] if path.name.endswith(TOKENS_SUFFIX) else path.name[: -len(MANIFEST_SUFFIX)]
+    tokens_path, manifest_path = path.with_name(stem + TOKENS_SUFFIX), path.with_name(stem + MANIFEST_SUFFIX)
+    if not manifest_path.is_file():
+        raise ValueError(f"{flag} {path}: no manifest {manifest_path.name} next to it, so the tokenizer it was "
+                         "built with is unknown; pass the text instead")
+    manifest = read_manifest(manifest_path, tokens_path)
+    key = manifest.get("key")
+    built_with = key.get("tokenizer_sha256") if isinstance(key, dict) else None
+    if tokenizer_sha256 is None or built_with != tokenizer_sha256:
+        raise ValueError(
+            f"{flag} {path}: built with tokenizer {str(built_with)[:16]}..., but the run's tokenizer is "
+            f"{str(tokenizer_sha256)[:16]}...; token ids of another tokenizer mean other text: pass the "
+            "text itself (it is encoded with the run's tokenizer) or that run's own cache"
+        )
+    return manifest
+
+
 def open_token_file(path: Path, dtype: str, n_tokens: int) -> np.ndarray:
     """A read-only memmap of ``n_tokens`` little-endian ids of ``dtype`` ('uint16' or 'uint32')."""
     return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", shape=(int(n_tokens),))

@@ -34,6 +34,7 @@ token caches compare to detect stale data.
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import json
 import logging
@@ -120,7 +121,7 @@ def open_source(
     if spec.startswith(HF_PREFIX):
         name, config, split = parse_hf_spec(spec)
         return _capped(hf_source(name, config, split, text_field=text_field, loader=hf_loader), max_bytes)
-    return _capped(local_source(Path(spec), text_field=text_field), max_bytes)
+    return _capped(local_source(Path(spec), text_field=text_field, max_bytes=max_bytes), max_bytes)
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
@@ -140,8 +141,12 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
 # Local files and folders
 
 
-def local_source(path: Path, *, text_field: str = DEFAULT_TEXT_FIELD) -> Source:
-    """A file or folder of ``.txt`` / ``.jsonl`` / ``.parquet`` files (see the module docstring)."""
+def local_source(path: Path, *, text_field: str = DEFAULT_TEXT_FIELD, max_bytes: int | None = None) -> Source:
+    """A file or folder of ``.txt`` / ``.jsonl`` / ``.parquet`` files (see the module docstring).
+
+    ``max_bytes``: read no more than about that much text (the exact cut is ``cap_bytes``'s,
+    applied by ``open_source``): a 300 MB ``.txt`` under a 1 MB cap was read whole, 868 MB at
+    peak (issue 16). The documents are the same as without it, up to the cap."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (a source is a path, 'stdlib' or 'hf:NAME')")
@@ -167,8 +172,14 @@ def local_source(path: Path, *, text_field: str = DEFAULT_TEXT_FIELD) -> Source:
     }
 
     def read() -> Iterator[str]:
+        remaining = max_bytes
         for file in files:
-            yield from read_documents(file, text_field=text_field)
+            if remaining is not None and remaining <= 0:
+                return
+            for document in read_documents(file, text_field=text_field, max_bytes=remaining):
+                if remaining is not None:
+                    remaining -= len(document.encode("utf-8"))
+                yield document
 
     return Source(spec=str(path), description=description, fingerprint=fingerprint, reader=_skip_empty(read))
 
@@ -187,21 +198,47 @@ def list_supported_files(folder: Path) -> list[Path]:
     return [file for _, file in sorted(found)]
 
 
-def read_documents(path: Path, *, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
-    """The documents of one supported file, chosen by its suffix."""
+def read_documents(path: Path, *, text_field: str = DEFAULT_TEXT_FIELD,
+                   max_bytes: int | None = None) -> Iterator[str]:
+    """The documents of one supported file, chosen by its suffix; a ``.txt`` is read only up to
+    about ``max_bytes`` (the others stream, so a cap stops them early already)."""
     suffix = _require_supported_suffix(path)
     if suffix == ".txt":
-        yield read_text_file(path)
+        yield read_text_file(path, max_bytes)
     elif suffix == ".jsonl":
         yield from read_jsonl(path, text_field=text_field)
     else:
         yield from read_parquet(path, text_field=text_field)
 
 
-def read_text_file(path: Path) -> str:
-    """The whole file as one string; rejects binary (NUL bytes) and non-UTF-8 content."""
-    data = Path(path).read_bytes()
-    text = decode_utf8(data, str(path))
+_CAP_SLACK_BYTES = 8
+"""Read this much past a cap: a byte-order mark (3) and a character cut at the cap (< 4) are
+then decided exactly as if the whole file had been read."""
+
+
+def read_text_file(path: Path, max_bytes: int | None = None) -> str:
+    """The file (its first ``max_bytes`` bytes and a few more, when given) as one string;
+    rejects binary (NUL bytes) and non-UTF-8 content in what is read."""
+    if max_bytes is None:
+        data = Path(path).read_bytes()
+        truncated = False
+    else:
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + _CAP_SLACK_BYTES)
+            truncated = bool(handle.read(1))
+    if truncated:
+        # A character cut by the read is left out (the cap cuts before it anyway).
+        nul = data.find(b"\0")
+        if nul >= 0:
+            decode_utf8(data, str(path))  # the binary-file error
+        try:
+            text = codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}: not valid UTF-8 at byte offset {err.start} ({err.reason}); re-encode the file as UTF-8"
+            ) from None
+    else:
+        text = decode_utf8(data, str(path))
     # A byte-order mark is an artifact of the file's encoding, not part of the document.
     return text[1:] if text.startswith("\ufeff") else text
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save_file as safetensors_save_file
 
@@ -435,8 +436,15 @@ def load_hf_export(
     path = Path(path)
     config = check_export_dir(path)
     model_config = model_config_from_hf(config)
+    model_config.check_memory(str(path / CONFIG_FILE))  # sizes from a file: bounded first
     model = TransformerLM(model_config)
-    tensors = mhmoe_state_dict(safetensors_load_file(str(path / WEIGHTS_FILE)))
+    try:
+        weights = safetensors_load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as err:  # a tampered header or length, an unreadable file: one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({reason[:200]}); "
+                          "re-export the run") from None
+    tensors = mhmoe_state_dict(weights)
     if model_config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     expected = model.state_dict()

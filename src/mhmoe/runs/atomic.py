@@ -4,6 +4,12 @@ The recipe: write to a uniquely named temporary file in the destination folder (
 system, so the final rename is atomic), flush and fsync it, ``os.replace`` it over the
 destination, then fsync the folder so the rename itself survives a crash. Temporary files are
 hidden (leading dot) and removed on any error.
+
+Permissions: ``tempfile.mkstemp`` creates its file 0600 whatever the umask, so every file
+written this way (checkpoints, config.json, results, plots, exports) was unreadable to the
+colleagues a plain ``open()`` would have let read it on a shared file system (issue 16). The
+temporary file is therefore given the mode ``open()`` would give a new file, ``0o666`` minus
+the process umask (0644 under the usual 022), before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -15,6 +21,25 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc (read-only, safe with threads); elsewhere
+    it can only be read by setting it and putting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 minus the umask."""
+    return 0o666 & ~_umask()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -39,6 +64,7 @@ def atomic_binary_writer(destination: Path) -> Iterator[BinaryIO]:
     temp_path = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), default_file_mode())  # mkstemp's 0600 -> open()'s (docstring)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -28,9 +28,12 @@ token, expert shapes); ``versions``; ``command``; ``created``.
 
 metrics.jsonl: training lines ``{"step", "tokens", "loss" (LM loss, nats/token), "aux_loss",
 "lr", "grad_norm", "skipped_steps" (steps skipped so far for a non-finite loss or gradient;
-a skipped step's line also has ``"skipped": true``), "tokens_per_s", "elapsed_s"}``; evaluation lines ``{"step", "tokens",
-"fraction" (of the run), "eval/<set>/loss", "eval/<set>/ppl", "eval/<set>/bpb",
-"eval/<set>/tokens"}``. Evaluation lines have no ``loss`` key.
+a skipped step's line also has ``"skipped": true``), "tokens_per_s", "elapsed_s", "train_s"
+(seconds spent in optimiser steps, without evaluations and saves; carried across resumes)}``;
+evaluation lines ``{"step", "tokens", "fraction" (of the run), "eval/<set>/loss",
+"eval/<set>/ppl", "eval/<set>/bpb", "eval/<set>/loss_se", "eval/<set>/tokens"}``; the
+per-window sums behind them are in ``eval_windows/`` (``mhmoe.runs.eval_windows``). Evaluation
+lines have no ``loss`` key.
 
 Writes are atomic: each file goes to a hidden temporary file in its destination folder, is
 fsynced, then ``os.replace``d into place; ``state.json`` (holding the checksums) is written after
@@ -70,6 +73,7 @@ from safetensors.torch import save as safetensors_save
 from mhmoe.config import ModelConfig
 from mhmoe.data import load_tokenizer
 from mhmoe.model import TransformerLM
+from mhmoe.runs import lock as run_lock
 from mhmoe.runs.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -250,8 +254,13 @@ def save_checkpoint(
     return folder
 
 
-def read_checkpoint_state(folder: Path) -> dict[str, Any]:
-    """state.json of a checkpoint folder (format checked)."""
+def read_checkpoint_state(folder: Path, allow_unchecked: bool = False) -> dict[str, Any]:
+    """state.json of a checkpoint folder (format and its own checksum checked).
+
+    A state.json without ``state_sha256`` is refused unless ``allow_unchecked``
+    (``mhmoe train --allow-unchecked-state``): deleting the field used to be enough to have an
+    edited ``step`` or ``finished`` accepted as an "older checkpoint" (issue 16); every
+    checkpoint this package writes carries the field."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {folder} is not a complete checkpoint")
@@ -262,8 +271,14 @@ def read_checkpoint_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({reason}): the file is corrupted") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an mhmoe checkpoint state (format {CHECKPOINT_FORMAT!r} expected)")
-    # state.json checksums itself (older checkpoints without the field are accepted).
+    # state.json checksums itself.
     recorded = state.get(STATE_CHECKSUM_KEY)
+    if recorded is None and not allow_unchecked:
+        raise CheckpointError(
+            f"{path}: has no {STATE_CHECKSUM_KEY} checksum, so its step and other values cannot be "
+            "verified (an edited file, or one from an mhmoe older than the field); "
+            "mhmoe train --allow-unchecked-state accepts it anyway"
+        )
     if recorded is not None and recorded != _state_checksum(state):
         raise CheckpointError(
             f"{path}: checksum mismatch ({STATE_CHECKSUM_KEY} does not match the content): "
@@ -375,6 +390,8 @@ def resolve_checkpoint(run_dir: Path, step: int | None = None) -> Path:
 def run_model_config(run_config: dict[str, Any]) -> ModelConfig:
     """The ``ModelConfig`` of a run's config.json. Runs written before the BitNet options
     moved into the model config keep them in a top-level "bitnet" section."""
+    if not isinstance(run_config.get("model"), dict):
+        raise CheckpointError(f"run config: 'model' must be a JSON object, found {run_config.get('model')!r:.80}")
     model = dict(run_config["model"])
     if "bitnet" not in model:
         model["bitnet"] = run_config.get("bitnet")
@@ -397,7 +414,9 @@ def load_run(
     folder = resolve_checkpoint(run_dir, step)
     # BitNet runs (``mhmoe train --bitnet``): the config carries the conversion, so the
     # BitLinear/BitExperts modules and their norm gains exist before the weights are loaded.
-    model = TransformerLM(run_model_config(config))
+    model_config = run_model_config(config)
+    model_config.check_memory(str(run_dir / CONFIG_FILE))  # sizes from a file: bounded first
+    model = TransformerLM(model_config)
     try:
         load_model_weights(folder, model)
     except CheckpointError as err:
@@ -429,10 +448,11 @@ def has_checkpoints(run_dir: Path) -> bool:
     return root.is_dir() and any(_CHECKPOINT_NAME.match(child.name) for child in root.iterdir())
 
 
-def verify_checkpoint(folder: Path) -> dict[str, Any]:
-    """Read state.json (its own checksum verified) and check the sha256 of every file it lists
-    (model, RNG and, when listed, optimizer); returns the state, CheckpointError otherwise."""
-    state = read_checkpoint_state(folder)
+def verify_checkpoint(folder: Path, allow_unchecked: bool = False) -> dict[str, Any]:
+    """Read state.json (its own checksum verified; ``read_checkpoint_state``) and check the
+    sha256 of every file it lists (model, RNG and, when listed, optimizer); returns the state,
+    CheckpointError otherwise."""
+    state = read_checkpoint_state(folder, allow_unchecked)
     for name in (MODEL_FILE, RNG_FILE):
         if name not in state["files"]:
             raise CheckpointError(f"{Path(folder) / name}: not listed in {Path(folder) / STATE_FILE}")
@@ -441,7 +461,7 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     return state
 
 
-def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+def find_resume_checkpoint(run_dir: Path, allow_unchecked: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint a resumed run continues from: (folder, verified state), None when the run
     has none.
 
@@ -471,7 +491,7 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
         candidates += [folder for _, folder in folders if folder not in candidates]
     for index, folder in enumerate(candidates):
         try:
-            state = verify_checkpoint(folder)
+            state = verify_checkpoint(folder, allow_unchecked)
         except (CheckpointError, OSError) as err:
             problems.append(str(err))
             logger.warning("checkpoint %s is unusable: %s; falling back to the previous checkpoint", folder, err)
@@ -491,8 +511,15 @@ def clean_incomplete_saves(run_dir: Path) -> list[Path]:
     """Remove what interrupted writes leave behind: hidden ``.NAME.XXXX.tmp`` files of the
     atomic writers in the run folder, ``checkpoints/`` and every checkpoint folder, and
     checkpoint folders without a state.json (a save killed before its last file). Returns the
-    removed paths. Run on the main process before resuming; nothing else writes there then."""
+    removed paths. Runs under the folder's lock (``mhmoe.runs.lock``, reentrant): a live trainer's
+    checkpoint in progress is not a leftover, and a second process is refused before it
+    removes anything (issue 16: it had deleted the first trainer's save)."""
     run_dir = Path(run_dir)
+    with run_lock.locked(run_dir, "mhmoe train"):
+        return _clean_incomplete_saves(run_dir)
+
+
+def _clean_incomplete_saves(run_dir: Path) -> list[Path]:
     root = run_dir / CHECKPOINTS_DIR
     removed: list[Path] = []
     folders = [run_dir, root]

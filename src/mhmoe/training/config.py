@@ -18,8 +18,24 @@ from mhmoe.runtime import DEVICES_HELP, PRECISIONS
 # TrainConfig fields that may differ when a run is resumed (they do not change the results).
 RESUMABLE_CHANGES = frozenset({
     "save_every", "keep_checkpoints", "log_every", "threads", "device", "eval_batch_size",
-    "max_skipped_steps",
+    "max_skipped_steps", "save_minutes", "progress_seconds",
 })
+
+DEFAULT_SAVE_MINUTES = 10.0
+"""Wall-clock minutes between checkpoints when none are given: a preempted job (SLURM and
+Kubernetes send SIGTERM, then SIGKILL after a grace period that may be too short to save)
+loses minutes, not the half of its budget before the 50% evaluation checkpoint (issue 16)."""
+
+DEFAULT_SAVE_FRACTION = 10
+"""Without ``--save-every``, a checkpoint every ``total_steps // DEFAULT_SAVE_FRACTION`` steps
+(every 10% of the run; none for runs shorter than that many steps, whose evaluation
+checkpoints at 50% and 100% are as close)."""
+
+
+def default_save_every(total_steps: int) -> int | None:
+    """The step interval of periodic checkpoints when ``--save-every`` is not given."""
+    interval = total_steps // DEFAULT_SAVE_FRACTION
+    return interval if interval >= 1 else None
 
 
 
@@ -37,7 +53,11 @@ class TrainConfig:
     (the paper's 50k and 100k of 100k steps: 0.5 and 1.0) and every ``eval_every`` steps.
     Checkpoints are written every ``save_every`` steps, at every evaluation and at the end; the
     ``keep_checkpoints`` newest periodic ones are kept, evaluation and final ones always.
-    ``max_skipped_steps`` consecutive non-finite steps stop the run (module docstring).
+    Also every ``save_minutes`` of wall-clock time (None: never), so that preemption costs
+    minutes. ``max_skipped_steps`` consecutive non-finite steps stop the run (module docstring).
+    Off a terminal, a progress line is logged every ``progress_seconds`` (None: never).
+    Evaluations use ``eval_tokens`` per set (windows spread over the set), the final one
+    ``final_eval_tokens`` (more, so that the number compared between variants is precise).
     """
 
     total_steps: int
@@ -58,6 +78,7 @@ class TrainConfig:
     eval_fractions: tuple[float, ...] = (0.5, 1.0)
     eval_every: int | None = None
     eval_tokens: int | None = 65_536
+    final_eval_tokens: int | None = None  # the last step's evaluation; None: eval_tokens
     eval_batch_size: int = 8
     save_every: int | None = None
     keep_checkpoints: int = 2
@@ -66,6 +87,8 @@ class TrainConfig:
     precision: str = "auto"
     threads: int | None = None
     max_skipped_steps: int = 5
+    save_minutes: float | None = DEFAULT_SAVE_MINUTES
+    progress_seconds: float | None = 60.0
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_fractions, list):
@@ -73,7 +96,7 @@ class TrainConfig:
         for name in ("total_steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every",
                      "max_skipped_steps"):
             checks.positive_int(name, getattr(self, name))
-        for name in ("micro_batch_size", "eval_every", "eval_tokens", "save_every", "threads"):
+        for name in ("micro_batch_size", "eval_every", "eval_tokens", "final_eval_tokens", "save_every", "threads"):
             checks.positive_int(name, getattr(self, name), allow_none=True)
         checks.non_negative_int("warmup_steps", self.warmup_steps)
         if self.warmup_steps >= self.total_steps and self.total_steps > 1:
@@ -96,6 +119,9 @@ class TrainConfig:
         if self.clip_grad_norm is not None:
             checks.number("clip_grad_norm", self.clip_grad_norm, low=0, low_inclusive=False)
         checks.non_negative_int("seed", self.seed)
+        for name in ("save_minutes", "progress_seconds"):
+            if getattr(self, name) is not None:
+                checks.number(name, getattr(self, name), low=0, low_inclusive=False)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -129,6 +155,12 @@ class TrainConfig:
         if self.eval_every:
             steps |= set(range(self.eval_every, self.total_steps + 1, self.eval_every))
         return sorted(steps)
+
+    def eval_tokens_at(self, step: int) -> int | None:
+        """Tokens per evaluation set at ``step``: ``final_eval_tokens`` at the last step."""
+        if step == self.total_steps and self.final_eval_tokens is not None:
+            return self.final_eval_tokens
+        return self.eval_tokens
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -22,6 +22,15 @@ counted (``skipped_steps`` in metrics.jsonl, saved in checkpoints); ``max_skippe
 consecutive skips stop the run with ``mhmoe.runs.validation.NonFiniteError`` naming the step,
 the values, the first module whose output and the first parameter whose gradient went
 non-finite. See docs/reliability.md.
+
+Preemption (``mhmoe.runs.preemption``): the first SIGTERM or SIGINT lets the step in progress
+finish, then a checkpoint is written and ``Preempted`` raised (the CLI exits with
+``EXIT_PREEMPTED``); a second one aborts at once. Checkpoints are also written every
+``save_minutes`` of wall-clock time. Under torch.distributed both decisions are all-reduced
+after every step, so every rank saves the same step (a distributed save is a collective).
+
+One trainer per run folder: the loop holds ``mhmoe.runs.lock`` on ``run_dir`` (rank 0), so the
+cleanup of interrupted writes never removes another live trainer's checkpoint in progress.
 """
 
 from __future__ import annotations
@@ -47,7 +56,10 @@ from mhmoe.distributed import save_checkpoint
 from mhmoe.evaluate import EvalResult, evaluate_sets, metrics_line
 from mhmoe.model import TransformerLM, lm_loss
 from mhmoe.runs import checkpoint as ckpt
+from mhmoe.runs import lock as run_lock
+from mhmoe.runs.eval_windows import write_eval_windows
 from mhmoe.runs.metrics import MetricsLog, NullMetrics, tensorboard_available
+from mhmoe.runs.preemption import Preempted, StopSignals
 from mhmoe.runs.validation import NonFiniteError, describe_diagnosis, diagnose_non_finite, format_value
 from mhmoe.runtime import autocast_context, available_cores, default_threads, resolve_device, resolve_precision
 from mhmoe.training.config import TrainConfig
@@ -92,6 +104,39 @@ def train_loop(
     config: TrainConfig,
     run_dir: Path,
     *,
+    context: Any = None,
+    **options: Any,
+) -> LoopResult:
+    """Train ``model`` for ``config.total_steps`` steps, evaluating and checkpointing into ``run_dir``.
+
+    ``sampler``: ``next_batch() -> (inputs_BT, targets_BT)`` of ``config.batch_size`` rows,
+    with ``state_dict()``/``load_state_dict()`` (``mhmoe.data.TrainBatchSampler``).
+    ``eval_sets``: name -> ``TokenSet``. ``resume`` continues from the latest checkpoint in
+    ``run_dir`` when there is one. ``stop_at_step`` ends early after checkpointing that step
+    (a later ``resume`` continues), e.g. to fit a job's time limit. Raises ``Preempted`` after
+    checkpointing when a SIGTERM/SIGINT arrived (module docstring); ``RunLockedError`` when
+    another process trains into ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    writer = context is None or not context.is_distributed or context.is_main
+    if writer:
+        run_lock.acquire(run_dir, "mhmoe train")  # reentrant: run_training holds it already
+    try:
+        with StopSignals() as stop_signals:
+            return _train_loop(model, sampler, eval_sets, config, run_dir, context=context,
+                               stop_signals=stop_signals, **options)
+    finally:
+        if writer:
+            run_lock.release(run_dir)
+
+
+def _train_loop(
+    model: TransformerLM,
+    sampler: Any,
+    eval_sets: dict[str, Any],
+    config: TrainConfig,
+    run_dir: Path,
+    *,
     resume: bool = False,
     stop_at_step: int | None = None,
     quiet: bool = False,
@@ -100,15 +145,10 @@ def train_loop(
     progress_label: str = "train",
     on_eval: Callable[[int, dict[str, EvalResult]], None] | None = None,
     context: Any = None,
+    stop_signals: StopSignals | None = None,
+    allow_unchecked_state: bool = False,
 ) -> LoopResult:
-    """Train ``model`` for ``config.total_steps`` steps, evaluating and checkpointing into ``run_dir``.
-
-    ``sampler``: ``next_batch() -> (inputs_BT, targets_BT)`` of ``config.batch_size`` rows,
-    with ``state_dict()``/``load_state_dict()`` (``mhmoe.data.TrainBatchSampler``).
-    ``eval_sets``: name -> ``TokenSet``. ``resume`` continues from the latest checkpoint in
-    ``run_dir`` when there is one. ``stop_at_step`` ends early after checkpointing that step
-    (a later ``resume`` continues), e.g. to fit a job's time limit.
-    """
+    """``train_loop`` under its lock and signal handlers."""
 
     # ``context`` (mhmoe.distributed.init_distributed): under torchrun, ``sampler`` yields this
     # rank's rows of each global batch, the model is wrapped per context.parallel (DDP, FSDP2,
@@ -121,7 +161,7 @@ def train_loop(
     if stop_at_step is not None:
         checks.positive_int("stop_at_step", stop_at_step)
     # The node's cores are shared by its processes.
-    threads = config.threads or max(1, default_threads() // context.local_world_size)
+    threads = config.threads or default_threads(context.local_world_size)  # run.py records its choice
     torch.set_num_threads(threads)
     logger.info("device %s, %s, %d torch threads (%d cores)", device,
                 "fp32" if autocast_dtype is None else f"{autocast_dtype} autocast", threads, available_cores())
@@ -140,11 +180,13 @@ def train_loop(
         ckpt.clean_incomplete_saves(run_dir)  # temp files and folders of a killed save
     context.barrier()
     # The newest intact checkpoint: a corrupted one is skipped with a warning (checkpoint.py).
-    found = ckpt.find_resume_checkpoint(run_dir) if resume else None
+    found = ckpt.find_resume_checkpoint(run_dir, allow_unchecked=allow_unchecked_state) if resume else None
+    train_seconds = 0.0  # optimiser-step time only (no evaluation, no saving): train_s in metrics
     if found is not None:
         folder, state = found
         skipped_total = int(state.get("skipped_steps", 0))
         consecutive_skips = int(state.get("consecutive_skipped_steps", 0))
+        train_seconds = float(state.get("train_seconds", 0.0))
         if context.is_distributed:  # full files, each rank keeps its shards
             distributed.load_checkpoint(parallel, optimizer, folder, state)
         else:
@@ -162,13 +204,27 @@ def train_loop(
             logger.info("%s: training already finished at step %d", run_dir, start_step)
             return LoopResult(start_step, tokens_seen, last_loss, finished=True)
     elif context.is_main:
-        metrics_path.unlink(missing_ok=True)
+        # Starting from step 1: the metrics of an earlier attempt (killed before its first
+        # checkpoint, or a --resume that found none) are kept under another name, never rewritten.
+        kept = _keep_aside(metrics_path)
+        if resume:
+            # A warning when an earlier attempt left metrics; plain information for a fresh
+            # folder (mhmoe reproduce always resumes, also its runs' first start).
+            (logger.warning if kept else logger.info)(
+                "--resume: %s has no checkpoint yet; starting from step 1%s", run_dir,
+                f" (the earlier metrics are kept as {kept.name})" if kept else "")
+        elif kept is not None:
+            logger.warning("%s: kept the metrics of an earlier attempt as %s", run_dir, kept.name)
 
     if tensorboard and not tensorboard_available():
         raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     log = (MetricsLog(metrics_path, run_dir / "tensorboard" if tensorboard else None)
            if context.is_main else NullMetrics())
     progress = _progress_bar(config.total_steps, start_step, quiet or not context.is_main, progress_label)
+    # Off a terminal (nohup, cluster logs) the bar is off: a plain line every progress_seconds.
+    log_lines = (_ProgressLines(config, start_step, progress_label)
+                 if progress.disable and not quiet and context.is_main and config.progress_seconds else None)
+    stop_signals = stop_signals if stop_signals is not None else StopSignals()
     # Routing statistics (mhmoe.analytics) from the counts each MoE layer returns; per rank.
     routing = RoutingStatsAccumulator().attach(model)
     result = LoopResult(start_step, tokens_seen, last_loss)
@@ -176,8 +232,10 @@ def train_loop(
     micro = config.micro_batch
     started = time.perf_counter()
     window_start, window_tokens = started, 0
+    last_save = time.monotonic()  # the time-based checkpoints (save_minutes) count from here
     try:
         for step in range(start_step + 1, config.total_steps + 1):
+            step_started = time.perf_counter()
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -229,6 +287,7 @@ def train_loop(
             if not skipped:
                 result.last_loss = step_loss
             now = time.perf_counter()
+            train_seconds += now - step_started
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             if step % config.log_every == 0 or step == config.total_steps:
                 log.write({
@@ -242,21 +301,28 @@ def train_loop(
                     **({"skipped": True} if skipped else {}),
                     "tokens_per_s": round(tokens_per_s, 1),
                     "elapsed_s": round(now - started, 3),
+                    "train_s": round(train_seconds, 3),
                     **routing.summary(),
                 })
                 routing.reset()
                 window_start, window_tokens = now, 0
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            if log_lines is not None:
+                log_lines.update(step, step_loss)
 
             if step in eval_steps and eval_sets:
                 results = evaluate_sets(
                     model, eval_sets, seq_len=config.seq_len, batch_size=config.eval_batch_size,
-                    max_tokens=config.eval_tokens, byte_lengths=byte_lengths, device=device,
+                    max_tokens=config.eval_tokens_at(step), byte_lengths=byte_lengths, device=device,
                     autocast_dtype=autocast_dtype,
                 )
                 log.write({"step": step, "tokens": tokens_seen,
-                           "fraction": round(step / config.total_steps, 6), **metrics_line(results)})
+                           "fraction": round(step / config.total_steps, 6), "train_s": round(train_seconds, 3),
+                           **metrics_line(results)})
+                if context.is_main:
+                    write_eval_windows(run_dir, step, {name: (r.window_nll, r.window_targets)
+                                                       for name, r in results.items()})
                 result.evals[step] = results
                 if on_eval is not None:
                     on_eval(step, results)
@@ -268,10 +334,24 @@ def train_loop(
             finished = step == config.total_steps
             stopping = stop_at_step is not None and step >= stop_at_step
             periodic = config.save_every is not None and step % config.save_every == 0
-            if finished or stopping or periodic or step in eval_steps:
+            timed = config.save_minutes is not None and time.monotonic() - last_save >= 60 * config.save_minutes
+            signalled = stop_signals.requested
+            if context.is_distributed:
+                # Every rank must take the same decision: a distributed save is a collective.
+                timed = context.all_reduce_mean(float(timed)) > 0
+                signalled = context.all_reduce_mean(float(signalled)) > 0
+            if finished or stopping or periodic or timed or signalled or step in eval_steps:
                 _save(run_dir, step, parallel, optimizer, sampler, tokens_seen, step_loss, config,
                       finished=finished, milestone=finished or step in eval_steps,
-                      extra={"skipped_steps": skipped_total, "consecutive_skipped_steps": consecutive_skips})
+                      extra={"skipped_steps": skipped_total, "consecutive_skipped_steps": consecutive_skips,
+                             "train_seconds": train_seconds})
+                last_save = time.monotonic()
+            if signalled and not finished:
+                name = stop_signals.signal_name or "a stop signal (on another rank)"
+                raise Preempted(
+                    f"stopped by {name} after step {step}/{config.total_steps}; checkpoint "
+                    f"{ckpt.checkpoint_dir(run_dir, step).name} saved in {run_dir}; continue with --resume"
+                )
             if stopping and not finished:
                 logger.info("stopped after step %d as asked; continue with --resume", step)
                 break
@@ -354,6 +434,55 @@ def _save(run_dir: Path, step: int, parallel, optimizer, sampler, tokens: int, l
     allowed = config.keep_checkpoints - (0 if milestone else 1)
     for _, folder in periodic[: max(0, len(periodic) - allowed)]:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _keep_aside(path: Path) -> Path | None:
+    """Rename a non-empty ``path`` (metrics.jsonl) to a free ``NAME.before-N.jsonl``; the new
+    name, or None when there was nothing to keep (an empty file is removed)."""
+    if not path.is_file():
+        return None
+    if path.stat().st_size == 0:
+        path.unlink()
+        return None
+    for index in range(1, 10_000):
+        target = path.with_name(f"{path.stem}.before-{index}{path.suffix}")
+        if not target.exists():
+            path.rename(target)
+            return target
+    path.unlink()  # pragma: no cover - ten thousand earlier attempts
+    return None
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m20s`` or ``45s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class _ProgressLines:
+    """Progress for logs: one line every ``config.progress_seconds`` (step, loss, tokens/s
+    over the interval, ETA from this process's pace including evaluations and saves)."""
+
+    def __init__(self, config: TrainConfig, start_step: int, label: str) -> None:
+        self.config = config
+        self.label = label
+        self.start_step = start_step
+        self.started = self.last = time.monotonic()
+        self.last_step = start_step
+
+    def update(self, step: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - self.last < self.config.progress_seconds and step != self.config.total_steps:
+            return
+        rate = (step - self.last_step) * self.config.tokens_per_step / max(now - self.last, 1e-9)
+        per_step = (now - self.started) / max(1, step - self.start_step)
+        eta = _duration(per_step * (self.config.total_steps - step))
+        logger.info("%s: step %d/%d (%.0f%%), loss %s, %s tokens/s, ETA %s", self.label, step,
+                    self.config.total_steps, 100 * step / self.config.total_steps, format_value(loss),
+                    f"{rate:,.0f}", eta)
+        self.last, self.last_step = now, step
 
 
 class _NullProgress:

@@ -65,6 +65,7 @@ class Preset:
     lr: float = 1e-3
     warmup_steps: int = 10
     eval_tokens: int = 65_536
+    final_eval_tokens: int | None = None  # the final evaluation's tokens per set (None: eval_tokens)
     eval_batch_size: int = 8
     # data
     train_text_bytes: int | None = None
@@ -139,7 +140,8 @@ PRESETS: dict[str, Preset] = {
         tokens=1_536_000,
         lr=2e-3,
         warmup_steps=40,
-        eval_tokens=65_536,
+        eval_tokens=32_768,
+        final_eval_tokens=262_144,
         eval_batch_size=16,
         train_text_bytes=20_000_000,
         tokenizer_text_bytes=4_000_000,

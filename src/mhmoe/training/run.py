@@ -4,6 +4,12 @@ variant, writes config.json (the run's config tree: preset, variant, model with 
 options, training, data) and runs ``mhmoe.training.loop.train_loop``, under torchrun too.
 The loop's contract (loss, resumption, the non-finite guard): ``mhmoe.training.loop``; the
 hyper-parameters and their defaults: ``mhmoe.training.config``.
+
+Order (issue 16: nothing is half-written when a run is refused): every option, the variant's
+model config, the thread count and the batch's memory are checked before the run folder is
+touched; the folder is then locked (``mhmoe.runs.lock``: one trainer per folder, a second one
+is refused naming the holder's pid); a run that fails before its first checkpoint removes the
+folder again when this call created it (or found it empty).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +34,12 @@ from mhmoe.evaluate import token_byte_lengths
 from mhmoe.model import TransformerLM
 from mhmoe.planning.variants import parse_variant, variant_label
 from mhmoe.runs import checkpoint as ckpt
+from mhmoe.runs import lock as run_lock
 from mhmoe.runs.metrics import tensorboard_available
 from mhmoe.runs.validation import check_free_space, check_output_dir, checkpoint_bytes_estimate
-from mhmoe.runtime import resolve_device, seed_everything
-from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig
+from mhmoe.runtime import (available_cores, check_threads, default_threads, load_average, max_threads,
+                           resolve_device, seed_everything)
+from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig, default_save_every
 from mhmoe.training.loop import LoopResult, train_loop
 from mhmoe.training.presets import get_preset, model_config, variant_summary
 from mhmoe.version import __version__
@@ -92,9 +102,11 @@ class RunOptions:
     load_balancing_weight: float = 0.01
     z_loss_weight: float = 0.0
     eval_tokens: int | None = None
+    final_eval_tokens: int | None = None
     eval_every: int | None = None
     eval_fractions: tuple[float, ...] = (0.5, 1.0)
     save_every: int | None = None
+    save_minutes: float | None = None  # None: the default (DEFAULT_SAVE_MINUTES); 0: off
     keep_checkpoints: int = 2
     resume: bool = False
     stop_at_step: int | None = None
@@ -102,6 +114,8 @@ class RunOptions:
     precision: str = "auto"
     threads: int | None = None
     max_skipped_steps: int = 5
+    allow_unchecked_state: bool = False  # accept checkpoints whose state.json lacks its checksum
+    progress_every: float | None = None  # seconds between progress log lines off a terminal (0: off)
     quiet: bool = False
     tensorboard: bool = False
     command: list[str] | None = None
@@ -138,9 +152,15 @@ def train_config_for(options: RunOptions, preset: Any) -> TrainConfig:
         checks.positive_int("--tokens", tokens)
         total_steps = tokens // tokens_per_step
         if total_steps < 1:
+            # Name what was given: --seq-len 99999999999999999999 used to blame "--tokens 1536",
+            # the preset's budget, which the user never passed (issue 16).
+            budget = f"--tokens {tokens}" if options.tokens is not None else f"the preset's budget of {tokens} tokens"
+            given = [f"--{name.replace('_', '-')} {getattr(options, name)}"
+                     for name in ("batch_size", "seq_len") if getattr(options, name) is not None]
             raise ValueError(
-                f"--tokens {tokens}: less than one optimiser step of {tokens_per_step} tokens "
-                f"(batch {batch_size} x sequence {seq_len})"
+                f"{' and '.join(given) + ': ' if given else ''}one optimiser step of {tokens_per_step} tokens "
+                f"(batch {batch_size} x sequence {seq_len}) exceeds {budget}; "
+                f"{'lower them or ' if given else ''}raise --tokens or pass --max-steps"
             )
     if options.warmup_steps is not None:
         warmup = options.warmup_steps
@@ -162,14 +182,37 @@ def train_config_for(options: RunOptions, preset: Any) -> TrainConfig:
         eval_every=options.eval_every,
         eval_fractions=tuple(options.eval_fractions),
         eval_tokens=options.eval_tokens if options.eval_tokens is not None else preset.eval_tokens,
+        final_eval_tokens=_final_eval_tokens(options, preset),
         eval_batch_size=preset.eval_batch_size,
-        save_every=options.save_every,
+        save_every=options.save_every if options.save_every is not None else default_save_every(total_steps),
+        **_optional_seconds(options),
         keep_checkpoints=options.keep_checkpoints,
         device=options.device,
         precision=options.precision,
         threads=options.threads,
         max_skipped_steps=options.max_skipped_steps,
     )
+
+
+def _optional_seconds(options: RunOptions) -> dict[str, Any]:
+    """``save_minutes`` / ``progress_seconds`` of TrainConfig: the default when not given, 0 = off."""
+    fields: dict[str, Any] = {}
+    if options.save_minutes is not None:
+        fields["save_minutes"] = options.save_minutes or None
+    if options.progress_every is not None:
+        fields["progress_seconds"] = options.progress_every or None
+    return fields
+
+
+def _final_eval_tokens(options: RunOptions, preset: Any) -> int | None:
+    """--final-eval-tokens, else the preset's (never fewer than an explicit --eval-tokens)."""
+    if options.final_eval_tokens is not None:
+        return options.final_eval_tokens
+    if preset.final_eval_tokens is None:
+        return None
+    if options.eval_tokens is not None:
+        return max(options.eval_tokens, preset.final_eval_tokens)
+    return preset.final_eval_tokens
 
 
 def _versions() -> dict[str, str]:
@@ -230,18 +273,103 @@ def data_settings(options: RunOptions, preset: Any) -> dict[str, Any]:
     }
 
 
+BATCH_MEMORY_SHARE = 0.5
+"""A step's token batch (inputs and targets, int64) may use at most this share of the
+machine's memory: ``--batch-size 1000000000`` ended in a MemoryError traceback (issue 16)."""
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def check_batch_memory(config: TrainConfig) -> None:
+    """ValueError naming --batch-size and --seq-len when one step's token batch cannot fit."""
+    needed = 2 * 8 * config.batch_size * config.seq_len
+    memory = _physical_memory()
+    if memory is not None and needed > BATCH_MEMORY_SHARE * memory:
+        raise ValueError(
+            f"--batch-size {config.batch_size} x --seq-len {config.seq_len}: one step's token batch "
+            f"needs {needed / 2**30:,.1f} GiB, more than half of this machine's {memory / 2**30:,.1f} GiB "
+            "of memory; lower --batch-size or --seq-len"
+        )
+
+
+def _threads(options: RunOptions, previous: dict[str, Any] | None, processes: int) -> int:
+    """The torch threads of this run: --threads; else the count the run recorded when it started
+    (a resume computes with the same kernels: bit-identical results); else
+    ``default_threads`` from the load average (logged, and recorded in config.json)."""
+    if options.threads is not None:
+        return options.threads
+    recorded = (previous or {}).get("train", {}).get("threads") if options.resume else None
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+        if recorded > max_threads():
+            logger.warning("the run recorded %d torch threads; this machine allows %d", recorded, max_threads())
+            return max_threads()
+        return recorded
+    threads = default_threads(processes)
+    load = load_average()
+    logger.info("%d torch thread(s) per process: %d usable cores, load average %s (pass --threads to choose)",
+                threads, available_cores(), "unknown" if load is None else f"{load:.1f}")
+    return threads
+
+
+def _folder_is_fresh(path: Path) -> bool:
+    """Whether ``path`` does not exist yet or is an empty folder (a refused run removes it)."""
+    try:
+        return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    except OSError:
+        return False
+
+
 def run_training(options: RunOptions) -> RunResult:
     """Do what ``mhmoe train`` does (module docstring); returns the run dir, config and loop result."""
 
     preset = get_preset(options.preset)
     spec = parse_variant(options.variant)
-    run_dir = check_output_dir(options.out)
+    if options.threads is not None:
+        check_threads("--threads", options.threads)
     if options.stop_at_step is not None:
         checks.positive_int("--stop-at-step", options.stop_at_step)
     checks.number("--load-balancing-weight", options.load_balancing_weight, low=0)
     checks.number("--z-loss-weight", options.z_loss_weight, low=0)
     train_config = train_config_for(options, preset)
+    check_batch_memory(train_config)
     resolve_device(options.device)  # a bad --device fails before the data is prepared
+    # The variant's model at this scale (e.g. d_model divisible by the heads) is checked before
+    # any data work; the vocabulary is the tokenizer's later, which no shape rule depends on.
+    model_config(preset, spec, vocab_size=options.vocab_size or preset.vocab_size,
+                 max_seq_len=train_config.seq_len, load_balancing_weight=options.load_balancing_weight,
+                 z_loss_weight=options.z_loss_weight, bitnet=BitNetConfig() if options.bitnet else None)
+
+    fresh = _folder_is_fresh(Path(options.out))
+    run_dir = check_output_dir(options.out)
+    main_process = int(os.environ.get("RANK") or 0) == 0  # torchrun: rank 0 writes and locks
+    if main_process:
+        try:
+            run_lock.acquire(run_dir, "mhmoe train")
+        except BaseException:
+            if fresh:  # check_output_dir created it for nothing
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    try:
+        return _run_training(options, preset, spec, run_dir, train_config)
+    except BaseException:
+        # Nothing half-written stays behind: a run refused or failed before its first
+        # checkpoint leaves no folder it created (data caches under it included).
+        if main_process and fresh and not ckpt.has_checkpoints(run_dir):
+            logger.debug("removing %s: the run failed before its first checkpoint", run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if main_process:
+            run_lock.release(run_dir)
+
+
+def _run_training(options: RunOptions, preset: Any, spec: Any, run_dir: Path, train_config: TrainConfig) -> RunResult:
+    """``run_training`` once the folder is locked."""
 
     # Under torchrun (WORLD_SIZE > 1): join the job; otherwise a single-process context.
     context = distributed.init_distributed(
@@ -250,6 +378,7 @@ def run_training(options: RunOptions) -> RunResult:
     per_rank_batch, per_rank_micro = _per_rank_batch(train_config, context.world_size)
     has_checkpoint = ckpt.has_checkpoints(run_dir)  # intact or not (--resume falls back)
     previous = ckpt.read_run_config(run_dir) if (run_dir / ckpt.CONFIG_FILE).is_file() else None
+    train_config = train_config.replace(threads=_threads(options, previous, context.local_world_size))
     if has_checkpoint and not options.resume:
         raise ValueError(
             f"--out {run_dir}: already holds a trained run; pass --resume to continue it "
@@ -321,7 +450,7 @@ def run_training(options: RunOptions) -> RunResult:
             model, sampler, data.evals, train_config.replace(micro_batch_size=per_rank_micro), run_dir,
             resume=options.resume, stop_at_step=options.stop_at_step, quiet=options.quiet,
             tensorboard=options.tensorboard, byte_lengths=token_byte_lengths(tokenizer),
-            progress_label=spec.name, context=context,
+            progress_label=spec.name, context=context, allow_unchecked_state=options.allow_unchecked_state,
         )
     finally:
         distributed.shutdown_distributed(context)
