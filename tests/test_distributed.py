@@ -533,6 +533,43 @@ def test_torchrun_train_equals_single_process(tmp_path):
     assert_close(logits[1], logits[0], "logits of the 2-process run", atol=1e-5)
 
 
+def test_torchrun_global_batch_balancing_equals_the_whole_batch(tmp_path):
+    """`--load-balancing global-batch` through the real loop: one process on the whole batch
+    (micro-batch 8), one process accumulating 4 micro-batches of 2, and `torchrun` with 2 DDP
+    ranks x 2 micro-batches log the same loss, aux loss (f_i counted over the global batch)
+    and gradient norm at every step (docs/load_balancing.md)."""
+    from mhmoe.cli import main
+    from mhmoe.runs.metrics import read_metrics
+
+    corpus = write_small_corpus(tmp_path / "text")
+    common = [
+        "train", "--preset", "tiny", "--variant", "mhmoe_h2", "--data", str(corpus),
+        "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--max-steps", "3", "--batch-size", "8",
+        "--quiet", "--threads", "1", "--eval-tokens", "256", "--load-balancing", "global-batch",
+        "--load-balancing-weight", "0.5",
+    ]
+    assert main([*common, "--micro-batch-size", "8", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--micro-batch-size", "2", "--out", str(tmp_path / "accumulated")]) == 0
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "mhmoe.cli", *common, "--micro-batch-size", "2", "--out", str(tmp_path / "two"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    def steps(run: str) -> list[dict]:
+        return [r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+
+    whole = steps("whole")
+    assert [r["step"] for r in whole] == [1, 2, 3] and whole[0]["aux_loss"] > 0.4  # the loss is on
+    for run in ("accumulated", "two"):
+        for ours, theirs in zip(steps(run), whole, strict=True):
+            for key in ("loss", "aux_loss", "grad_norm"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (run, ours["step"], key)
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow: 4 ranks (expert shards replicated twice)
 # ---------------------------------------------------------------------------------------------

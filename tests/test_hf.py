@@ -7,6 +7,7 @@ export and ``mhmoe generate`` tests need neither.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -374,3 +375,50 @@ def test_lm_eval_rolling_loglikelihood_offline(hf, export_dir, run_model, tmp_pa
     assert metrics["bits_per_byte,none"] == pytest.approx(-total_ll / num_bytes / math.log(2), rel=1e-4)
     assert metrics["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
     assert metrics["byte_perplexity,none"] == pytest.approx(math.exp(-total_ll / num_bytes), rel=1e-4)
+
+
+def test_hf_model_carries_load_balancing_and_is_dropless_in_eval(hf):
+    """Issue 15: the HF config carries --load-balancing (in moe_ffn) and --seq-aux-loss-weight;
+    the aux-free bias is part of the weights; an HF model in eval mode (as from_pretrained
+    returns it) is dropless whatever the training capacity."""
+    from mhmoe.config import DenseConfig, MoEConfig
+    from mhmoe.hf.configuration import MHMoEConfig
+    from mhmoe.hf.modeling import MHMoEForCausalLM
+
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, num_experts=4, top_k=2, d_expert=16, num_heads=2, capacity_factor=0.5,
+                    load_balancing="aux-free")
+    lm = TransformerLM(ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_attention_heads=2,
+                                   max_seq_len=16, dense_ffn=DenseConfig(32, 64), moe_ffn=moe, moe_every=1,
+                                   seq_aux_loss_weight=1e-4))
+    with torch.no_grad():
+        for name, buffer in lm.named_buffers():
+            buffer.copy_(torch.linspace(-0.01, 0.01, buffer.numel()))
+    model = MHMoEForCausalLM.from_mhmoe(lm)
+    config = MHMoEConfig.from_dict(model.config.to_dict())
+    assert config.moe_ffn["load_balancing"] == "aux-free" and config.seq_aux_loss_weight == 1e-4
+    back = model.to_mhmoe()
+    for (name, ours), (_, theirs) in zip(lm.named_buffers(), back.named_buffers()):
+        assert torch.equal(ours, theirs), name
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert all(float(a.dropped_fraction) > 0 for a in lm.train()(ids).moe_aux)  # capacity binds
+    model.eval()
+    lm.eval()
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+        torch.testing.assert_close(out.logits, lm(ids).logits, rtol=0, atol=0)
+        dropless = copy_without_capacity(lm)
+        torch.testing.assert_close(out.logits, dropless(ids).logits, rtol=0, atol=0)
+    # aux-free: no load-balancing loss, only the sequence-wise one.
+    with torch.no_grad():
+        expected = 1e-4 * sum(float(a.seq_balance_loss) for a in lm(ids).moe_aux) / 2
+    assert float(out.aux_loss) == pytest.approx(expected, rel=1e-5)
+
+
+def copy_without_capacity(lm: TransformerLM) -> TransformerLM:
+    other = copy.deepcopy(lm)
+    for block in other.blocks:
+        if block.is_moe:
+            block.ffn.capacity_factor = None
+    return other

@@ -88,7 +88,7 @@ def test_capacity_dropping_equals_loop_reference(num_heads, top_k, num_experts, 
 def test_capacity_keeps_first_choices_before_second_choices():
     # 4 units, top-2, 2 experts; every unit picks expert 0 first. Capacity = ceil(0.5*8/2) = 2.
     ids = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
-    kept_order, kept_counts, tokens_per_expert = sort_assignments(ids, 2, capacity_factor=0.5)
+    kept_order, kept_counts, tokens_per_expert = sort_assignments(ids, 2, capacity_factor=0.5, priority="choice")
     assert tokens_per_expert.tolist() == [4, 4]
     assert kept_counts.tolist() == [2, 2]
     # expert 0 serves units 0 and 1 (first choices); expert 1 serves unit 3's first choice

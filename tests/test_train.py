@@ -323,10 +323,9 @@ def _assert_accumulation_matches_one_big_batch(run_dir: Path, monkeypatch) -> No
     run_dir.mkdir(parents=True)
     grads, logged_loss = _accumulated_step_gradients(model, inputs_BT, targets_BT, micro, run_dir, monkeypatch)
     assert grads.keys() == expected.keys()
-    # Tolerance: parameters, activations and gradients are float64, but two pieces run in
-    # float32 by design: the router (logits, softmax, combine weights; mhmoe.layers.routing) and
-    # lm_loss's log-softmax. Their values can differ by an ulp (~6e-8 relative) between a
-    # 2-row and an 8-row batch; the 1/tokens and 1/accumulation factors are powers of two
+    # Tolerance: parameters, activations and gradients are float64 (the router keeps float64
+    # inputs in float64), but lm_loss's log-softmax runs in float32 by design. Its values can
+    # differ by an ulp (~6e-8 relative) between a 2-row and an 8-row batch; the 1/tokens and 1/accumulation factors are powers of two
     # (exact). Measured worst difference: 2.3e-9 absolute; rtol=1e-5, atol=1e-7 leave a wide
     # margin, while a missing 1/accumulation, a dropped or repeated micro-batch, or grads
     # zeroed between micro-batches is off by >= 25% (every tensor's largest gradient >= 2e-3).
@@ -357,3 +356,51 @@ def test_loss_falls_with_gradient_accumulation(corpus, data_dir, tmp_path, monke
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["micro_batch_size"] == 4 and config["train"]["batch_size"] == 8
     assert config["variant"] == "smoe"
+
+
+def test_global_batch_balancing_with_accumulation_matches_one_big_batch(tmp_path, monkeypatch):
+    """--load-balancing global-batch in ``train_loop``: with the load-balancing loss on, one
+    step over 4 micro-batches hands the optimiser the gradients of one forward/backward over
+    the 8 sequences together (f_i counted over the whole step; mhmoe.layers.balancing), and
+    logs the big batch's aux loss."""
+    torch.manual_seed(0)
+    base = model_config("tiny", "mhmoe_h2", vocab_size=64, load_balancing_weight=0.5, z_loss_weight=0.0)
+    config = base.replace(moe_ffn=base.moe_ffn.replace(load_balancing="global-batch"))
+    model = TransformerLM(config).double()
+    tokens = torch.randint(0, 64, (8, 17))
+    inputs_BT, targets_BT = tokens[:, :-1], tokens[:, 1:]
+    big = copy.deepcopy(model)
+    output = big(inputs_BT)
+    assert float(output.aux_loss.detach()) > 0.4  # the balancing loss is on (about w_lb * 1)
+    (lm_loss(output.logits, targets_BT) + output.aux_loss).backward()
+    expected = {name: p.grad for name, p in big.named_parameters()}
+    (tmp_path / "run").mkdir()
+    grads, _ = _accumulated_step_gradients(model, inputs_BT, targets_BT, 2, tmp_path / "run", monkeypatch)
+    for name, grad in grads.items():  # tolerance: as in _assert_accumulation_matches_one_big_batch
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "aux_loss" in r]
+    assert logged[0]["aux_loss"] == pytest.approx(float(output.aux_loss.detach()), rel=1e-6)
+
+
+def test_aux_free_bias_resumes_bit_exactly(corpus, data_dir, tmp_path):
+    """--load-balancing aux-free: the selection biases move (once per step), are saved in the
+    checkpoints and restored exactly on --resume; the routing analytics log their range."""
+    extra = ("--max-steps", "4", "--load-balancing", "aux-free", "--batch-size", "4", "--micro-batch-size", "2")
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(train_args(corpus, data_dir, full, *extra)) == 0
+    assert main(train_args(corpus, data_dir, split, *extra, "--save-every", "2", "--stop-at-step", "2")) == 0
+    assert main(train_args(corpus, data_dir, split, *extra, "--save-every", "2", "--resume")) == 0
+    assert training_losses(split) == training_losses(full)
+    biases = []
+    for run in (full, split):
+        model, _, config = ckpt.load_run(run)
+        assert config["model"]["moe_ffn"]["load_balancing"] == "aux-free"
+        biases.append({n: b for n, b in model.named_buffers() if n.endswith("expert_bias")})
+    assert biases[0] and biases[0].keys() == biases[1].keys()
+    for name, bias in biases[0].items():
+        assert torch.equal(bias, biases[1][name]), name
+        # 4 updates of +-1e-3 (or 0) each: every entry a multiple of 1e-3, at most 4e-3.
+        assert float(bias.abs().max()) <= 4e-3 + 1e-9 and float(bias.abs().max()) > 0, name
+    line = [r for r in read_metrics(full / "metrics.jsonl") if "loss" in r][-1]
+    assert line["routing/layer0/expert_bias_max"] >= line["routing/layer0/expert_bias_min"]
+    assert "routing/layer0/load_cv" in line

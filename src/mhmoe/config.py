@@ -21,6 +21,22 @@ from mhmoe import checks
 
 ACTIVATIONS = ("swiglu", "relu")
 
+LOAD_BALANCING = ("micro-batch", "global-batch", "aux-free", "none")
+"""How MoE layers are balanced (``MoEConfig.load_balancing``; docs/load_balancing.md):
+
+* ``micro-batch``: the load-balancing loss with f_i counted over this micro-batch on this rank
+  (the behaviour before issue 15, and the default, so old configs train as they did);
+* ``global-batch``: the same loss with f_i counted over all micro-batches of the optimiser step
+  and all data-parallel ranks (Qiu et al., "Demons in the Detail", arXiv 2501.11873; Qwen3-MoE);
+* ``aux-free``: no load-balancing loss; a per-expert selection bias updated once per optimiser
+  step from the global-batch loads (DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2);
+* ``none``: neither.
+"""
+
+CAPACITY_PRIORITIES = ("position", "choice")
+"""Which assignments a full expert keeps (``mhmoe.layers.moe``): position-major (causal, the
+default) or GShard's choice-major."""
+
 
 
 
@@ -59,7 +75,9 @@ class MoEConfig:
     """The MoE core (router + experts), optionally wrapped by MH-MoE's head and merge layers.
 
     ``head_layer``/``merge_layer`` default to ``num_heads > 1`` (MH-MoE has both, SMoE neither);
-    set them explicitly for the paper's Table 4/5 ablations.
+    set them explicitly for the paper's Table 4/5 ablations. ``capacity_priority``,
+    ``capacity_at_eval``: the capacity rule (``mhmoe.layers.moe``); ``load_balancing``,
+    ``bias_update_rate``: ``LOAD_BALANCING`` (docs/load_balancing.md).
     """
 
     d_model: int
@@ -74,6 +92,13 @@ class MoEConfig:
     bias: bool = False
     capacity_factor: float | None = None
     normalize_top_k: bool | None = None
+    # Capacity: kept-assignment priority when an expert is full, and whether the
+    # capacity also applies outside training (default: evaluation and generation dropless).
+    capacity_priority: str = "position"
+    capacity_at_eval: bool = False
+    # Balancing (LOAD_BALANCING); bias_update_rate is aux-free's gamma (DeepSeek-V3: 1e-3).
+    load_balancing: str = "micro-batch"
+    bias_update_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_experts", "top_k", "d_expert", "num_heads"):
@@ -96,6 +121,13 @@ class MoEConfig:
         for name in ("head_layer", "merge_layer", "normalize_top_k"):
             checks.boolean(name, getattr(self, name), allow_none=True)
         checks.boolean("bias", self.bias)
+        if self.capacity_priority not in CAPACITY_PRIORITIES:
+            raise ValueError(f"capacity_priority={self.capacity_priority!r}: must be one of "
+                             f"{', '.join(CAPACITY_PRIORITIES)}")
+        checks.boolean("capacity_at_eval", self.capacity_at_eval)
+        if self.load_balancing not in LOAD_BALANCING:
+            raise ValueError(f"load_balancing={self.load_balancing!r}: must be one of {', '.join(LOAD_BALANCING)}")
+        checks.non_negative_number("bias_update_rate", self.bias_update_rate)
 
     @property
     def kind(self) -> str:
@@ -237,6 +269,8 @@ class ModelConfig:
     load_balancing_weight: float = 0.01
     z_loss_weight: float = 0.0
     bitnet: BitNetConfig | None = None
+    # DeepSeek-V3's sequence-wise balance loss weight alpha (about 1e-4 there); 0: off.
+    seq_aux_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_attention_heads",
@@ -274,8 +308,14 @@ class ModelConfig:
         checks.positive_number("norm_eps", self.norm_eps)
         checks.non_negative_number("load_balancing_weight", self.load_balancing_weight)
         checks.non_negative_number("z_loss_weight", self.z_loss_weight)
+        checks.non_negative_number("seq_aux_loss_weight", self.seq_aux_loss_weight)
         if self.bitnet is not None and not isinstance(self.bitnet, BitNetConfig):
             raise ValueError(f"bitnet={self.bitnet!r}: must be a BitNetConfig or None")
+        if (self.bitnet is not None and self.bitnet.quantize_router and self.moe_ffn is not None
+                and self.moe_ffn.load_balancing == "aux-free"):
+            # BitNet's quantised router has no selection bias: the balancing would be lost.
+            raise ValueError("moe_ffn.load_balancing='aux-free' needs a full-precision router: "
+                             "bitnet.quantize_router must be false")
         if self.approx_parameters() > MAX_PARAMETERS:
             raise ValueError(
                 f"model config (vocab_size={self.vocab_size}, d_model={self.d_model}, "

@@ -22,9 +22,13 @@ V vocabulary size.
 ``MoEAux`` list. Nothing is stored on the modules between calls.
 
 Auxiliary loss (our documented choice; the paper gives only the weight 0.01 of the authors'
-scripts):  aux_loss = w_lb * mean_l L_lb(l) + w_z * mean_l L_z(l), the mean taken over the MoE
-layers (fairseq's ``gate_loss_combine_method="average"``), so the weights do not scale with
-depth. A dense model has aux_loss = 0.
+scripts):  aux_loss = w_lb * mean_l L_lb(l) + w_z * mean_l L_z(l) + w_seq * mean_l L_seq(l),
+the mean taken over the MoE layers (fairseq's ``gate_loss_combine_method="average"``), so the
+weights do not scale with depth. A dense model has aux_loss = 0. L_lb is the load-balancing
+loss of ``mhmoe.layers.routing`` (f_i over this micro-batch, or over the global batch with
+``MoEConfig.load_balancing="global-batch"``); with ``"aux-free"`` or ``"none"`` it is not added
+(aux-free balances through the selection bias, DeepSeek-V3). L_seq is DeepSeek-V3's
+sequence-wise balance loss (``ModelConfig.seq_aux_loss_weight``, 0 by default).
 
 Initialisation: every ``nn.Linear`` keeps PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 the scale the MoE experts use too (``mhmoe.layers.experts``), so dense and expert FFNs start
@@ -50,7 +54,7 @@ class LMOutput:
     """What ``TransformerLM.forward`` returns; losses are returned, never stored."""
 
     logits: torch.Tensor  # (B, T, V)
-    aux_loss: torch.Tensor  # scalar: w_lb * mean_l L_lb + w_z * mean_l L_z (0 for dense)
+    aux_loss: torch.Tensor  # scalar: w_lb * mean_l L_lb + w_z * mean_l L_z + w_seq * mean_l L_seq
     moe_aux: list[MoEAux] = field(default_factory=list)  # one per MoE layer, block order
 
 
@@ -183,6 +187,10 @@ class TransformerLM(nn.Module):
         )
         if config.bitnet is not None:  # BitNet b1.58 (paper Table 3): the converter swaps layers
             apply_bitnet(self, config.bitnet)
+        if config.seq_aux_loss_weight:  # the MoE layers also return L_seq
+            for block in self.blocks:
+                if block.is_moe:
+                    block.ffn.compute_seq_balance = True
 
     def forward(self, ids_BT: torch.Tensor) -> LMOutput:
         if ids_BT.dim() != 2:
@@ -205,12 +213,17 @@ class TransformerLM(nn.Module):
         if not moe_aux:
             return total
         num_layers = len(moe_aux)
-        if self.config.load_balancing_weight:
+        moe_config = self.config.moe_ffn
+        adds_balance_loss = moe_config is None or moe_config.load_balancing in ("micro-batch", "global-batch")
+        if self.config.load_balancing_weight and adds_balance_loss:
             lb = sum(a.load_balancing_loss.float() for a in moe_aux) / num_layers
             total = total + self.config.load_balancing_weight * lb
         if self.config.z_loss_weight:
             z = sum(a.z_loss.float() for a in moe_aux) / num_layers
             total = total + self.config.z_loss_weight * z
+        if self.config.seq_aux_loss_weight:
+            seq = sum(a.seq_balance_loss.float() for a in moe_aux if a.seq_balance_loss is not None) / num_layers
+            total = total + self.config.seq_aux_loss_weight * seq
         return total
 
     def num_parameters(self) -> int:

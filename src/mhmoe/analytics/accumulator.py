@@ -38,6 +38,9 @@ assignments the router gave expert e in the window (before capacity dropping), M
   ``min_share`` > 0 gives a thresholded reading, and ``dead_experts`` below is the corpus-level
   count of never-chosen experts.
 * ``dead_experts``: experts with c_e = 0 over the whole window.
+* ``expert_bias_min`` / ``expert_bias_max`` (aux-loss-free balancing only): the range of the
+  layer's selection bias (``MoEAux.expert_bias``) at the window's last batch; read beside
+  ``load_cv``, the load it is balancing.
 * ``distinct_experts_per_token`` (H > 1 only): for a token t, d_t = |union over its H sub-tokens
   of their K chosen experts|, 1 <= d_t <= min(H * K, E); reported as the mean over tokens and as
   ``distinct_experts_histogram[d]`` = number of tokens with d_t = d (index 0 unused). For H = 1,
@@ -98,6 +101,7 @@ class _LayerState:
     routed_batches: int = 0  # batches with at least one unit (the activation ratio's)
     entropy_units: int = 0
     dropped_host: float = 0.0  # dropped assignments reported as host scalars
+    expert_bias: torch.Tensor | None = None  # aux-free selection bias at the latest batch
 
     @classmethod
     def empty(cls, num_experts: int, num_heads: int, top_k: int, device) -> "_LayerState":
@@ -278,6 +282,9 @@ class RoutingStatsAccumulator:
         else:
             state.dropped += dropped.double() * num_assignments
         self._update_entropy(index, state, aux, num_units)
+        bias = getattr(aux, "expert_bias", None)
+        if bias is not None:
+            state.expert_bias = bias.detach()
         if num_heads > 1 and self.track_heads and num_units:
             state.distinct_hist += count_values(
                 distinct_per_token(ids_NK, num_heads), num_heads * top_k + 1
@@ -338,6 +345,8 @@ class RoutingStatsAccumulator:
             dead_experts=int((counts == 0).sum()),
             dropped_fraction=(state.dropped.item() + state.dropped_host) / state.num_assignments
             if has_units else None,
+            expert_bias_min=float(state.expert_bias.min()) if state.expert_bias is not None else None,
+            expert_bias_max=float(state.expert_bias.max()) if state.expert_bias is not None else None,
             router_entropy=state.entropy_sum.item() / state.entropy_units
             if state.entropy_units else None,
             distinct_experts_per_token=distinct_mean,

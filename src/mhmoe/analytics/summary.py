@@ -21,6 +21,8 @@ SCALAR_METRICS = (
     "distinct_experts_per_token",
     "head_js_divergence",
     "head_top1_agreement",
+    "expert_bias_min",
+    "expert_bias_max",
 )
 
 
@@ -58,6 +60,10 @@ class LayerRoutingSummary:
     head_top1_agreement: float | None = None
     head_tokens_per_expert: list[list[int]] | None = None
     block: int | None = None
+    # Aux-loss-free balancing (MoEConfig.load_balancing="aux-free"): the range of the
+    # selection bias at the last batch of the window; None without it.
+    expert_bias_min: float | None = None
+    expert_bias_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

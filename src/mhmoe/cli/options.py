@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+from mhmoe.config import LOAD_BALANCING
 from mhmoe.data.splits import DEFAULT_HELDOUT_FRACTION, parse_eval_spec, parse_eval_specs
 from mhmoe.data.tokenizer import DEFAULT_SAMPLE_BYTES
 from mhmoe.planning.variants import parse_variant
@@ -173,6 +174,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, single_run: bool = T
                        help="weight of the load-balancing loss (default 0.01, the authors' scripts)")
     group.add_argument("--z-loss-weight", type=non_negative_float, default=0.0, metavar="W",
                        help="weight of the router z-loss (default 0)")
+    group.add_argument("--load-balancing", choices=LOAD_BALANCING, default="micro-batch",
+                       help="MoE balancing: the load-balancing loss with expert loads counted per "
+                            "micro-batch (default) or over the global batch (all micro-batches and "
+                            "ranks of a step; costs one no-grad forward per micro-batch), aux-free "
+                            "(DeepSeek-V3 selection bias, no balancing loss) or none "
+                            "(docs/load_balancing.md)")
+    group.add_argument("--seq-aux-loss-weight", type=non_negative_float, default=0.0, metavar="W",
+                       help="weight of DeepSeek-V3's sequence-wise balance loss (default 0; about 1e-4 there)")
     group.add_argument("--eval-tokens", type=positive_int, metavar="N",
                        help="evaluate about N tokens of each set, in windows spread over the whole set "
                             "(default: the preset's)")

@@ -138,6 +138,16 @@ class DistContext:
             tensor /= self.world_size
         return float(tensor)
 
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks, in place (a collective; identity in one process).
+        Staged through the communication device, as NCCL cannot reduce host tensors."""
+        if self.is_distributed:
+            staged = tensor.to(self.device)
+            dist.all_reduce(staged)
+            if staged is not tensor:
+                tensor.copy_(staged)
+        return tensor
+
     def describe(self) -> str:
         if not self.is_distributed:
             return f"single process on {self.device}"

@@ -4,7 +4,9 @@ It carries the fields of ``mhmoe.model.ModelConfig`` under Hugging Face names wh
 exists (``mhmoe.hf.export.HF_NAMES``: d_model -> hidden_size, num_layers -> num_hidden_layers,
 max_seq_len -> max_position_embeddings, tie_embeddings -> tie_word_embeddings, norm_eps ->
 rms_norm_eps) and under their own names otherwise (dense_ffn, moe_ffn, moe_every, rope_theta,
-load_balancing_weight, z_loss_weight), plus ``bitnet`` (the ``mhmoe.config.BitNetConfig``
+load_balancing_weight, z_loss_weight, seq_aux_loss_weight; the load-balancing mode and the
+capacity rule are fields of the ``moe_ffn`` dict: load_balancing, capacity_priority,
+capacity_at_eval, bias_update_rate), plus ``bitnet`` (the ``mhmoe.config.BitNetConfig``
 dict of a BitNet model, None for full precision) and ``output_router_logits``.
 
 The config is validated on creation through ``ModelConfig`` (ValueError naming the value and
@@ -50,6 +52,7 @@ class MHMoEConfig(PreTrainedConfig):
         rms_norm_eps: float = 1e-6,
         load_balancing_weight: float = 0.01,
         z_loss_weight: float = 0.0,
+        seq_aux_loss_weight: float = 0.0,
         bitnet: dict[str, Any] | None = None,
         output_router_logits: bool = False,
         initializer_range: float = 0.02,
@@ -74,6 +77,7 @@ class MHMoEConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.load_balancing_weight = load_balancing_weight
         self.z_loss_weight = z_loss_weight
+        self.seq_aux_loss_weight = seq_aux_loss_weight
         self.bitnet = bitnet
         self.output_router_logits = output_router_logits
         self.initializer_range = initializer_range

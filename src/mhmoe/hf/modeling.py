@@ -107,9 +107,15 @@ def causal_lm_loss(
 
 
 def _aux_loss(config: MHMoEConfig, moe_aux: list, like: torch.Tensor) -> torch.Tensor:
-    # The very function of TransformerLM (it only reads the two weights from self.config).
+    # The very function of TransformerLM.
+    # The weights from self.config and, for which balancing loss applies, moe_ffn's
+    # load_balancing (configs saved before issue 15 lack both new fields: their defaults).
+    moe_ffn = config.moe_ffn
     owner = SimpleNamespace(config=SimpleNamespace(
-        load_balancing_weight=config.load_balancing_weight, z_loss_weight=config.z_loss_weight))
+        load_balancing_weight=config.load_balancing_weight, z_loss_weight=config.z_loss_weight,
+        seq_aux_loss_weight=getattr(config, "seq_aux_loss_weight", 0.0),
+        moe_ffn=None if moe_ffn is None else SimpleNamespace(
+            load_balancing=moe_ffn.get("load_balancing", "micro-batch"))))
     return TransformerLM.aux_loss(owner, moe_aux, like)  # type: ignore[arg-type]
 
 

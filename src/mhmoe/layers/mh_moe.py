@@ -51,13 +51,22 @@ class MHMoE(nn.Module):
         self.config = config
         self.d_model, self.num_heads, self.d_sub = config.d_model, config.num_heads, config.d_sub
         self.capacity_factor = config.capacity_factor
+        # Global-batch balancing (``MoEConfig.load_balancing``): the (E,) assignment counts of
+        # the whole optimiser step, summed over micro-batches and ranks, that the training loop
+        # sets before the step's forwards (``mhmoe.layers.balancing``) and clears after; f_i
+        # of the loss is computed from them. None: this forward's own counts.
+        self.global_counts_E: torch.Tensor | None = None
+        # Whether forward also returns the sequence-wise balance loss (TransformerLM sets it
+        # when ModelConfig.seq_aux_loss_weight > 0).
+        self.compute_seq_balance = False
         # Step 3's compute step when one is installed (``mhmoe.distributed`` installs expert
         # parallelism here); None: a registered backend, chosen per call (``select_backend``).
         self.dispatch_backend: DispatchCompute | None = None
         # Step 1, head layer W_head in R^{D x D}; xavier-uniform with gain 1/sqrt(2), after
         # the authors' code.
         self.head = _projection(config, config.has_head, gain=2**-0.5)
-        self.router = TopKRouter(self.d_sub, config.num_experts, config.top_k, config.normalize_top_k)
+        self.router = TopKRouter(self.d_sub, config.num_experts, config.top_k, config.normalize_top_k,
+                                 selection_bias=config.load_balancing == "aux-free")
         self.experts = Experts(config.num_experts, self.d_sub, config.d_expert, config.activation)
         # Step 5, merge layer W_merge in R^{D x D}.
         self.merge = _projection(config, config.has_merge, gain=1.0)
@@ -100,9 +109,13 @@ class MHMoE(nn.Module):
         # (T, D) -> (T * H, S); sub-token h of token t is unit t * H + h.
         units_NS = x_hat_TD.reshape(num_tokens * self.num_heads, self.d_sub)
         # Step 3: every sub-token through the same top-k MoE.
-        y_NS, aux = dispatch(units_NS, self.router, self.experts, self.capacity_factor)
+        y_NS, aux = dispatch(units_NS, self.router, self.experts, self.active_capacity_factor)
         if aux is not None:
             aux.num_heads = self.num_heads
+            # Routers swapped in by converters (BitNet's) may have no bias: getattr.
+            bias = getattr(self.router, "expert_bias", None)
+            if bias is not None:
+                aux.expert_bias = bias.detach().clone()
         # Step 4: back to token order and concatenate: (T * H, S) -> (T, D).
         y_TD = y_NS.reshape(num_tokens, self.d_model)
         # Step 5: y = y_hat W_merge.
@@ -113,12 +126,34 @@ class MHMoE(nn.Module):
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.reshape(x.shape), aux
 
+    @property
+    def active_capacity_factor(self) -> float | None:
+        """The capacity factor this forward applies: the configured one in training (or with
+        ``capacity_at_eval``), None (dropless) otherwise, so evaluation, ``generate`` and the
+        HF model do not depend on the other sequences of their batch (issue 15)."""
+        if self.training or self.config.capacity_at_eval:
+            return self.capacity_factor
+        return None
+
+    def _dispatch_options(self, x: torch.Tensor) -> dict[str, Any]:
+        """The keyword options of ``moe_dispatch`` for input x: the capacity priority, the
+        sequence layout ((..., T, D): T positions; (T, D): one sequence), the global-batch
+        counts and the sequence-wise loss."""
+        seq_len = x.shape[-2] if x.dim() >= 3 else None
+        num_tokens = x.numel() // max(self.d_model, 1)
+        num_sequences = num_tokens // seq_len if seq_len else 1
+        global_counts = self.global_counts_E if self.config.load_balancing == "global-batch" else None
+        return dict(priority=self.config.capacity_priority, seq_len=seq_len, num_heads=self.num_heads,
+                    balance_counts_E=global_counts,
+                    num_sequences=num_sequences if self.compute_seq_balance and num_tokens else None)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        return self.forward_with_dispatch(x, functools.partial(moe_dispatch, backend=self.dispatch_backend))
+        return self.forward_with_dispatch(x, functools.partial(
+            moe_dispatch, backend=self.dispatch_backend, **self._dispatch_options(x)))
 
     def forward_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """The same layer with the plain dispatch, ``moe_dispatch_reference`` (tests)."""
-        return self.forward_with_dispatch(x, moe_dispatch_reference)
+        return self.forward_with_dispatch(x, functools.partial(moe_dispatch_reference, **self._dispatch_options(x)))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, capacity_factor={self.capacity_factor}"

@@ -29,9 +29,22 @@ kept_counts_E, experts) -> y_NS`` (``DispatchCompute``); the registered ones
 Expert parallelism (``mhmoe.distributed.expert_parallel``) installs its backend on the layer
 (``MHMoE.dispatch_backend``): gather and combine as in "grouped", with all-to-alls between them.
 
-With a capacity factor c (GShard), each expert keeps at most ceil(c * M / E) assignments,
-first choices of every unit before second choices, then in unit order; dropped assignments
-contribute zero and their fraction is reported.
+With a capacity factor c (GShard), each expert keeps at most ceil(c * M / E) assignments;
+dropped assignments contribute zero and their fraction is reported. Which ones are kept is the
+``priority`` (``CAPACITY_PRIORITIES``):
+
+* ``"position"`` (default): position in the sequence first, then sequence, sub-token and
+  choice rank. No assignment of the token at position t can be dropped because of a token after
+  t, so a decoder LM stays causal under capacity (issue 15: with GShard's order and top-k >= 2
+  a later token's first choice evicted an earlier token's second choice, so the logits at t
+  changed with the tokens after t).
+* ``"choice"``: GShard (Lepikhin et al. 2020, Algorithm 1; Switch Transformer's
+  "batch-prioritised" order is its k = 1 case): every unit's first choice before any second
+  choice, then in unit order. Not causal for top-k >= 2.
+
+``MHMoE`` applies the capacity in training only (``MoEConfig.capacity_at_eval``): evaluation,
+``generate`` and the HF model are dropless by default, so perplexity does not depend on which
+sequences share an evaluation batch.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mhmoe.config import CAPACITY_PRIORITIES
 from mhmoe.layers.experts import (
     DISPATCH_BACKENDS,
     DispatchBackend,
@@ -51,7 +65,7 @@ from mhmoe.layers.experts import (
     fused_up_weight,
     select_backend,
 )
-from mhmoe.layers.routing import RouterOutput, TopKRouter, count_values
+from mhmoe.layers.routing import RouterOutput, TopKRouter, count_values, sequence_balance_loss
 
 
 @dataclass
@@ -64,6 +78,10 @@ class MoEAux:
     dropped_fraction: torch.Tensor  # scalar float, share of assignments dropped by capacity
     expert_ids: torch.Tensor  # (N, K) int64, detached; N = tokens * num_heads, token-major
     num_heads: int = 1
+    # DeepSeek-V3's sequence-wise balance loss (unweighted), when the layer was asked for it.
+    seq_balance_loss: torch.Tensor | None = None
+    # The aux-free selection bias (E,) at this forward (detached), None without aux-free.
+    expert_bias: torch.Tensor | None = None
 
 
 def expert_capacity(capacity_factor: float, num_assignments: int, num_experts: int) -> int:
@@ -72,14 +90,24 @@ def expert_capacity(capacity_factor: float, num_assignments: int, num_experts: i
 
 
 def sort_assignments(
-    expert_ids_NK: torch.Tensor, num_experts: int, capacity_factor: float | None
+    expert_ids_NK: torch.Tensor,
+    num_experts: int,
+    capacity_factor: float | None,
+    priority: str = "position",
+    seq_len: int | None = None,
+    num_heads: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the M = N*K assignments by expert; drop those over capacity.
 
     Returns (kept_order_R, kept_counts_E, tokens_per_expert_E): kept_order_R[r] is the
     assignment index m = n*K + k of sorted row r (R <= M rows kept), kept_counts_E the rows
     per expert after dropping, tokens_per_expert_E the rows per expert before dropping.
+    ``priority`` (``CAPACITY_PRIORITIES``): which assignments a full expert keeps; for
+    ``"position"``, units are n = (b * seq_len + t) * num_heads + h (token-major, as ``MHMoE``
+    lays them out; seq_len None: one sequence).
     """
+    if priority not in CAPACITY_PRIORITIES:
+        raise ValueError(f"capacity priority {priority!r}: must be one of {', '.join(CAPACITY_PRIORITIES)}")
     num_units, top_k = expert_ids_NK.shape
     ids_M = expert_ids_NK.reshape(-1)  # (N, K) -> (M,), m = n * K + k
     tokens_per_expert_E = count_values(ids_M, num_experts)
@@ -88,12 +116,25 @@ def sort_assignments(
         return order_M, tokens_per_expert_E, tokens_per_expert_E
     num_assignments = ids_M.numel()
     capacity = expert_capacity(capacity_factor, num_assignments, num_experts)
-    # Priority inside an expert: choice rank k first, then unit n (GShard: all top-1 choices
-    # are served before any top-2 choice).
     assignment_M = torch.arange(num_assignments, device=ids_M.device)
-    rank_M = assignment_M % top_k
-    unit_M = assignment_M // top_k
-    priority_key_M = (ids_M * top_k + rank_M) * num_units + unit_M
+    if priority == "choice":
+        # GShard: choice rank k first, then unit n (all top-1 choices before any top-2 choice).
+        rank_M = assignment_M % top_k
+        unit_M = assignment_M // top_k
+        within_M = rank_M * num_units + unit_M
+    else:
+        # Position-major: position t, then sequence b, then (sub-token h, rank k), i.e. the
+        # assignment index inside the token. Only positions <= t compete before t's choices.
+        units_per_token = num_heads * top_k
+        num_tokens = num_units // num_heads
+        length = max(num_tokens if seq_len is None else seq_len, 1)
+        if num_tokens % length:
+            raise ValueError(f"{num_tokens} tokens are not whole sequences of seq_len={length}")
+        token_M = assignment_M // units_per_token
+        position_M, sequence_M = token_M % length, token_M // length
+        within_M = ((position_M * (num_tokens // length) + sequence_M) * units_per_token
+                    + assignment_M % units_per_token)
+    priority_key_M = ids_M * num_assignments + within_M
     order_M = torch.argsort(priority_key_M)
     start_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
     position_M = torch.arange(num_assignments, device=ids_M.device) - start_E[ids_M[order_M]]
@@ -222,21 +263,34 @@ def moe_dispatch(
     experts: nn.Module,
     capacity_factor: float | None = None,
     backend: DispatchCompute | None = None,
+    *,
+    priority: str = "position",
+    seq_len: int | None = None,
+    num_heads: int = 1,
+    balance_counts_E: torch.Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, MoEAux]:
     """Top-k MoE over N routed units: y_n = sum_k G(x_n)_k * Expert_{id_nk}(x_n).
 
     ``backend``: the compute step (steps 2-4) to run; None picks a registered one per call.
+    ``priority``/``seq_len``/``num_heads``: the capacity rule (``sort_assignments``).
+    ``balance_counts_E``: the assignment counts f_i of the load-balancing loss is computed from
+    (global-batch balancing); None: this call's own counts. ``num_sequences``: also compute the
+    sequence-wise balance loss over that many equal sequences of units.
     """
     route = router(x_NS)
     num_experts = router.num_experts
     kept_order_R, kept_counts_E, tokens_per_expert_E = sort_assignments(
-        route.expert_ids_NK, num_experts, capacity_factor
+        route.expert_ids_NK, num_experts, capacity_factor, priority, seq_len, num_heads
     )
     if backend is None:
         rows_per_expert = route.expert_ids_NK.numel() / max(num_experts, 1)
         backend = DISPATCH_BACKENDS[select_backend(experts, x_NS, rows_per_expert)].compute
     y_NS = backend(x_NS, route.weights_NK, kept_order_R, kept_counts_E, experts)
-    return y_NS, routing_aux(route, tokens_per_expert_E, kept_order_R.numel(), capacity_factor)
+    aux = routing_aux(route, tokens_per_expert_E, kept_order_R.numel(), capacity_factor, balance_counts_E)
+    if num_sequences is not None:
+        aux.seq_balance_loss = sequence_balance_loss(route.probs_NE, route.expert_ids_NK, num_sequences)
+    return y_NS, aux
 
 
 def routing_aux(
@@ -244,12 +298,15 @@ def routing_aux(
     tokens_per_expert_E: torch.Tensor,
     kept_assignments: int,
     capacity_factor: float | None,
+    balance_counts_E: torch.Tensor | None = None,
 ) -> MoEAux:
-    """The losses and counts every dispatch reports (``MoEAux``)."""
+    """The losses and counts every dispatch reports (``MoEAux``); the load-balancing loss
+    takes f_i from ``balance_counts_E`` when given (global-batch), else from this call."""
     num_assignments = max(route.expert_ids_NK.numel(), 1)
+    counts_E = tokens_per_expert_E if balance_counts_E is None else balance_counts_E
     return MoEAux(
         # From the router's P_E and logsumexp_N: no pass over the (N, E) probabilities.
-        load_balancing_loss=route.load_balancing_loss_value(tokens_per_expert_E),
+        load_balancing_loss=route.load_balancing_loss_value(counts_E),
         z_loss=route.z_loss_value(),
         tokens_per_expert=tokens_per_expert_E,
         dropped_fraction=torch.tensor(1.0 - kept_assignments / num_assignments)
@@ -354,6 +411,12 @@ def moe_dispatch_reference(
     router: TopKRouter,
     experts: nn.Module,
     capacity_factor: float | None = None,
+    *,
+    priority: str = "position",
+    seq_len: int | None = None,
+    num_heads: int = 1,
+    balance_counts_E: torch.Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, MoEAux]:
     """``moe_dispatch`` written plainly, kept for tests: the same router, the capacity rule as
     Python loops instead of ``sort_assignments``, then the "reference" backend."""
@@ -365,11 +428,20 @@ def moe_dispatch_reference(
         if capacity_factor is not None
         else num_units * top_k
     )
+    if priority == "choice":
+        # First choices of all units before second choices, each in unit order (GShard).
+        candidates = [(unit, rank) for rank in range(top_k) for unit in range(num_units)]
+    else:
+        # Position in the sequence, then sequence, then sub-token and rank (causal).
+        num_tokens = num_units // num_heads
+        length = seq_len or num_tokens
+        candidates = sorted(
+            ((unit, rank) for unit in range(num_units) for rank in range(top_k)),
+            key=lambda ur: ((ur[0] // num_heads) % length, (ur[0] // num_heads) // length, ur[0], ur[1]),
+        )
     kept_order, kept_counts = [], []
     for expert in range(router.num_experts):
-        # First choices of all units before second choices, each in unit order (GShard).
-        rows = [unit * top_k + rank for rank in range(top_k) for unit in range(num_units)
-                if ids_NK[unit][rank] == expert][:capacity]
+        rows = [unit * top_k + rank for unit, rank in candidates if ids_NK[unit][rank] == expert][:capacity]
         kept_order += rows
         kept_counts.append(len(rows))
     kept_order_R = torch.tensor(kept_order, dtype=torch.int64, device=x_NS.device)
@@ -377,4 +449,7 @@ def moe_dispatch_reference(
     # The same router statistics as moe_dispatch: this reference checks the dispatch; the
     # router's fused math is checked against the plain formulas in tests/test_layers.py.
     tokens_per_expert_E = torch.bincount(route.expert_ids_NK.reshape(-1), minlength=router.num_experts)
-    return y_NS, routing_aux(route, tokens_per_expert_E, len(kept_order), capacity_factor)
+    aux = routing_aux(route, tokens_per_expert_E, len(kept_order), capacity_factor, balance_counts_E)
+    if num_sequences is not None:
+        aux.seq_balance_loss = sequence_balance_loss(route.probs_NE, route.expert_ids_NK, num_sequences)
+    return y_NS, aux

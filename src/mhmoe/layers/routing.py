@@ -6,7 +6,8 @@ E experts, K top-k.
 Router semantics (the paper is silent; these are our documented defaults):
 
 1. logits_NE = x_NS @ W_router^T, computed in float32 whatever the autocast dtype, because
-   low-precision logits flip near-tied top-k choices;
+   low-precision logits flip near-tied top-k choices; float64 inputs stay in float64 (float32
+   would hide router errors below about 1e-7 from float64 reference tests);
 2. probs_NE = softmax(logits_NE) over all E experts;
 3. weights_NK, ids_NK = top-k of probs_NE, in descending order; exact ties go to the lowest
    expert index first (``torch.argmax``'s rule) on CPU with K <= 4, to ``torch.topk``'s order
@@ -17,9 +18,17 @@ Router semantics (the paper is silent; these are our documented defaults):
 
 Losses (returned, never stored in module-global lists):
 
-* load balancing (Switch Transformer / GShard): L_aux = E * sum_i f_i * P_i, with f_i the
-  fraction of the N*K assignments that go to expert i and P_i the mean router probability of
-  expert i over the N units. Its value is 1 under perfectly uniform routing.
+* load balancing: L_aux = E * sum_i f_i * P_i, with f_i the fraction of the N*K assignments
+  that go to expert i (counts over all N*K assignments, before capacity dropping) and P_i the
+  mean router probability of expert i over the N units. This is the Megatron-core /
+  DeepSeekMoE form (DeepSeekMoE, arXiv 2401.06066, Eq. 12-14, with f'_i = f_i * E), equal to
+  Switch Transformer's Eq. 4 for k = 1; its value is 1 under perfectly uniform routing for
+  every k. HF transformers' Mixtral ``load_balancing_loss_func`` divides the counts by N
+  instead of N*K, so its value is k times ours. Where the counts come from (this micro-batch,
+  or the whole global batch: ``MoEConfig.load_balancing``) is the caller's choice:
+  ``tokens_per_expert_E`` may be any counts, P_i stays this call's differentiable mean.
+* sequence-wise balance (DeepSeek-V3, arXiv 2412.19437, Eq. 17-20): the same product per
+  sequence, averaged over the sequences (``sequence_balance_loss``).
 * router z-loss (ST-MoE): mean over units of logsumexp(logits)^2.
 
 Implementation: steps 2-4 and the two statistics the losses need (P_E and logsumexp_N) are one
@@ -53,9 +62,9 @@ class RouterOutput:
 
     def __init__(
         self,
-        logits_NE: torch.Tensor,  # float32
-        probs_NE: torch.Tensor | None,  # float32, softmax over all experts (None: lazy)
-        weights_NK: torch.Tensor,  # float32 combine weights of the selected experts
+        logits_NE: torch.Tensor,  # float32 (float64 for float64 inputs)
+        probs_NE: torch.Tensor | None,  # logits' dtype, softmax over all experts (None: lazy)
+        weights_NK: torch.Tensor,  # logits' dtype, combine weights of the selected experts
         expert_ids_NK: torch.Tensor,  # int64
         mean_probs_E: torch.Tensor | None = None,  # P_i = mean_n probs_ni
         logsumexp_N: torch.Tensor | None = None,  # logsumexp_i logits_ni
@@ -101,13 +110,24 @@ class TopKRouter(nn.Module):
     """Linear gate G: R^S -> R^E followed by softmax and top-k (see the module docstring)."""
 
     def __init__(
-        self, d_in: int, num_experts: int, top_k: int, normalize_top_k: bool | None = None
+        self, d_in: int, num_experts: int, top_k: int, normalize_top_k: bool | None = None,
+        selection_bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.normalize_top_k = top_k > 1 if normalize_top_k is None else bool(normalize_top_k)
         self.weight = nn.Parameter(torch.empty(num_experts, d_in))
+        # Aux-loss-free balancing (DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2 Eq. 16): a
+        # per-expert bias b_i added to the scores for the top-k selection only. A float32
+        # buffer, not a parameter: saved in the state_dict (so checkpointed and restored
+        # exactly), never seen by the optimiser or weight decay; updated by
+        # ``update_selection_bias`` once per optimiser step.
+        self.expert_bias: torch.Tensor | None
+        if selection_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -115,10 +135,11 @@ class TopKRouter(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x_NS: torch.Tensor) -> RouterOutput:
-        # Router logits in float32, outside autocast (module docstring, point 1).
+        # Router logits in float32 (float64 kept), outside autocast (module docstring, point 1).
+        dtype = torch.float64 if x_NS.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x_NS.device.type, enabled=False):
-            logits_NE = F.linear(x_NS.float(), self.weight.float())
-        return route_logits(logits_NE, self.top_k, self.normalize_top_k)
+            logits_NE = F.linear(x_NS.to(dtype), self.weight.to(dtype))
+        return route_logits(logits_NE, self.top_k, self.normalize_top_k, self.expert_bias)
 
     def extra_repr(self) -> str:
         return (
@@ -127,14 +148,19 @@ class TopKRouter(nn.Module):
         )
 
 
-def route_logits(logits_NE: torch.Tensor, top_k: int, normalize_top_k: bool) -> RouterOutput:
+def route_logits(
+    logits_NE: torch.Tensor, top_k: int, normalize_top_k: bool,
+    selection_bias_E: torch.Tensor | None = None,
+) -> RouterOutput:
     """Steps 2-4 of the module docstring, plus P_E and logsumexp_N, as one autograd node.
 
     Values equal the plain formulas up to rounding and the ids are the same ones
     (``top_k_experts`` on the same softmax); any floating dtype, any device, N = 0 allowed.
+    ``selection_bias_E`` (aux-loss-free balancing): the ids are the top-k of probs + bias
+    (DeepSeek-V3 Eq. 16); the combine weights stay the unbiased probabilities of those ids.
     """
     weights_NK, expert_ids_NK, mean_probs_E, logsumexp_N = _RouteFunction.apply(
-        logits_NE, top_k, normalize_top_k
+        logits_NE, top_k, normalize_top_k, selection_bias_E
     )
     return RouterOutput(logits_NE, None, weights_NK, expert_ids_NK, mean_probs_E, logsumexp_N)
 
@@ -161,17 +187,29 @@ class _RouteFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_NE: torch.Tensor, top_k: int, normalize_top_k: bool):
+    def forward(ctx, logits_NE: torch.Tensor, top_k: int, normalize_top_k: bool,
+                selection_bias_E: torch.Tensor | None = None):
         num_units = logits_NE.shape[0]
         probs_NE = torch.softmax(logits_NE, dim=-1)
-        expert_ids_NK = _top_k_ids(probs_NE, top_k)
+        if selection_bias_E is None:
+            expert_ids_NK = _top_k_ids(probs_NE, top_k)
+        else:  # biased scores can be negative: not for the packed keys (they need p >= 0)
+            with torch.no_grad():
+                biased_NE = probs_NE + selection_bias_E.to(probs_NE.dtype)
+                expert_ids_NK = (torch.topk(biased_NE, top_k, dim=-1).indices
+                                 if biased_NE.device.type != "cpu" or top_k > 4
+                                 else _top_k_ids_argmax(biased_NE, top_k))
         probs_NK = probs_NE.gather(1, expert_ids_NK)
         weights_NK = probs_NK / probs_NK.sum(dim=-1, keepdim=True) if normalize_top_k else probs_NK
         # P_E = (1/N) sum_n p_nE as a matrix-vector product (faster than a column sum on CPU);
         # zeros when N = 0.
         mean_probs_E = torch.mv(probs_NE.t(), probs_NE.new_full((num_units,), 1.0 / max(num_units, 1)))
         # lse_n = l_ni - ln p_ni at i = id_n1 (the top choice: p_ni >= 1/E, no underflow).
-        logsumexp_N = logits_NE.gather(1, expert_ids_NK[:, :1]).squeeze(1) - probs_NK[:, 0].log()
+        if selection_bias_E is None:
+            logsumexp_N = logits_NE.gather(1, expert_ids_NK[:, :1]).squeeze(1) - probs_NK[:, 0].log()
+        else:  # the biased first choice may have a tiny p: take the largest p instead
+            top_N1 = probs_NE.argmax(dim=-1, keepdim=True)
+            logsumexp_N = logits_NE.gather(1, top_N1).squeeze(1) - probs_NE.gather(1, top_N1).squeeze(1).log()
 
         ctx.mark_non_differentiable(expert_ids_NK)
         ctx.set_materialize_grads(False)
@@ -211,7 +249,7 @@ class _RouteFunction(torch.autograd.Function):
             grad_logits_NE = probs_NE * row_N.unsqueeze(1)
         if sparse_NK is not None:
             grad_logits_NE.scatter_add_(1, expert_ids_NK, sparse_NK)
-        return grad_logits_NE, None, None
+        return grad_logits_NE, None, None, None
 
 
 def top_k_experts(probs_NE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,3 +376,39 @@ def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
     if logits_NE.shape[0] == 0:
         return logits_NE.sum() * 0.0
     return torch.logsumexp(logits_NE, dim=-1).square().mean()
+
+
+def sequence_balance_loss(
+    probs_NE: torch.Tensor, expert_ids_NK: torch.Tensor, num_sequences: int
+) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, Eq. 17-20),
+    without its weight alpha: mean over sequences s of E * sum_i f_si * P_si, with f_si the
+    fraction of the sequence's assignments that go to expert i and P_si the mean probability
+    of expert i over its units (the same convention as ``load_balancing_loss``; V3 writes
+    f'_i = E f_i). The N units are ``num_sequences`` equal blocks in order (token-major).
+    Our scores are softmax probabilities, which already sum to 1 over the experts (V3
+    normalises its sigmoid affinities to get the same)."""
+    num_units, num_experts = probs_NE.shape
+    if num_units == 0:
+        return probs_NE.sum() * 0.0
+    if num_sequences < 1 or num_units % num_sequences:
+        raise ValueError(f"{num_units} routed units do not split into {num_sequences} equal sequences")
+    per_sequence = num_units // num_sequences
+    mean_probs_SE = probs_NE.reshape(num_sequences, per_sequence, num_experts).mean(dim=1)
+    ids_SM = expert_ids_NK.reshape(num_sequences, -1)
+    counts_SE = torch.zeros(num_sequences, num_experts, dtype=probs_NE.dtype, device=probs_NE.device)
+    counts_SE.scatter_add_(1, ids_SM, torch.ones_like(ids_SM, dtype=probs_NE.dtype))
+    fraction_SE = counts_SE / ids_SM.shape[1]
+    return num_experts * (fraction_SE * mean_probs_SE).sum(dim=1).mean()
+
+
+def update_selection_bias(
+    bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float
+) -> torch.Tensor:
+    """Aux-loss-free balancing's update (DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2): in place,
+    b_i += gamma * sign(mean_j c_j - c_i), with c the global-batch assignment counts of one
+    optimiser step (overloaded experts go down, underloaded ones up; gamma = 1e-3 in the paper
+    and in torchtitan's ``load_balance_coeff``). Returns ``bias_E``."""
+    counts_E = tokens_per_expert_E.to(torch.float64)
+    step_E = torch.sign(counts_E.mean() - counts_E).to(bias_E.dtype)
+    return bias_E.add_(step_E, alpha=rate)

@@ -302,7 +302,7 @@ def paper_smoe(
 
     d_model 768 gives 8 x 2048 (the paper), 192 gives 8 x 512 (``mini``). ``shared_expert``
     adds one shared expert as wide as a routed expert (the paper's Table 2). ``options`` go to
-    MoEConfig (capacity_factor, normalize_top_k, z_loss).
+    MoEConfig (capacity_factor, normalize_top_k, capacity_priority, load_balancing, ...).
     """
     checks.positive_int("d_model", d_model)
     if d_expert is None:

@@ -8,6 +8,14 @@ One optimiser step consumes ``batch_size`` sequences of ``seq_len`` tokens, proc
 (``mhmoe.model``); ``loss`` in metrics.jsonl is L_lm alone (nats per token), averaged over the
 step's micro-batches.
 
+Load balancing (``MoEConfig.load_balancing``, ``mhmoe.layers.balancing``): with
+``global-batch`` the step's routing counts are first gathered by a no-grad forward of its
+micro-batches (summed over the ranks) and every micro-batch's loss takes f_i from them, so the
+loss equals that of one forward over the whole global batch; with ``aux-free`` the selection
+biases are updated from the step's counts (summed over micro-batches and ranks) once, after
+the optimiser step (not after a skipped one). The biases are buffers: in the checkpoints, not
+in the optimiser.
+
 Resumption continues the same run exactly: model, optimiser, data-sampler position, the
 RNG states of torch (CPU and CUDA), ``random`` and numpy, and the step (the schedule is a pure
 function of the step). On CPU, an interrupted and resumed run produces bit-identical losses to
@@ -54,6 +62,7 @@ from mhmoe import checks, distributed
 from mhmoe.analytics.accumulator import RoutingStatsAccumulator
 from mhmoe.distributed import save_checkpoint
 from mhmoe.evaluate import EvalResult, evaluate_sets, metrics_line
+from mhmoe.layers import balancing
 from mhmoe.model import TransformerLM, lm_loss
 from mhmoe.runs import checkpoint as ckpt
 from mhmoe.runs import lock as run_lock
@@ -227,8 +236,11 @@ def _train_loop(
     stop_signals = stop_signals if stop_signals is not None else StopSignals()
     # Routing statistics (mhmoe.analytics) from the counts each MoE layer returns; per rank.
     routing = RoutingStatsAccumulator().attach(model)
+    bias_balancer = balancing.BiasBalancer(model)
     result = LoopResult(start_step, tokens_seen, last_loss)
     accumulation = config.accumulation_steps // context.world_size  # of this rank's rows
+    # Global-batch counts need a counting pass unless one micro-batch on one rank is the batch.
+    count_globally = balancing.uses_global_batch(model) and (accumulation > 1 or context.world_size > 1)
     micro = config.micro_batch
     started = time.perf_counter()
     window_start, window_tokens = started, 0
@@ -243,21 +255,29 @@ def _train_loop(
             inputs_BT, targets_BT = sampler.next_batch()
             lm_sum = torch.zeros((), device=device)
             aux_sum = torch.zeros((), device=device)
-            for chunk in range(accumulation):
-                rows = slice(chunk * micro, (chunk + 1) * micro)
-                inputs = inputs_BT[rows].to(device, non_blocking=True)
-                targets = targets_BT[rows].to(device, non_blocking=True)
-                # DDP reduces gradients once, after the last micro-batch.
-                last = chunk == accumulation - 1
-                with contextlib.nullcontext() if last else parallel.no_sync():
-                    with autocast_context(device, autocast_dtype):
-                        output = parallel(inputs)
-                        lm = lm_loss(output.logits, targets)
-                        loss = (lm + output.aux_loss) / accumulation
-                    loss.backward()
-                routing.update(output.moe_aux)  # counts the layers already computed
-                lm_sum += lm.detach()
-                aux_sum += output.aux_loss.detach()
+            step_counts = None
+            if count_globally:  # mhmoe.layers.balancing: f_i of the whole global batch
+                with autocast_context(device, autocast_dtype):
+                    step_counts = balancing.global_batch_counts(
+                        parallel, (inputs_BT[c * micro:(c + 1) * micro].to(device) for c in range(accumulation)),
+                        context.all_reduce_sum_)
+            with balancing.global_counts(model, step_counts):
+                for chunk in range(accumulation):
+                    rows = slice(chunk * micro, (chunk + 1) * micro)
+                    inputs = inputs_BT[rows].to(device, non_blocking=True)
+                    targets = targets_BT[rows].to(device, non_blocking=True)
+                    # DDP reduces gradients once, after the last micro-batch.
+                    last = chunk == accumulation - 1
+                    with contextlib.nullcontext() if last else parallel.no_sync():
+                        with autocast_context(device, autocast_dtype):
+                            output = parallel(inputs)
+                            lm = lm_loss(output.logits, targets)
+                            loss = (lm + output.aux_loss) / accumulation
+                        loss.backward()
+                    routing.update(output.moe_aux)  # counts the layers already computed
+                    bias_balancer.add(output.moe_aux)
+                    lm_sum += lm.detach()
+                    aux_sum += output.aux_loss.detach()
             # The norm of the whole gradient, summed over FSDP2 and expert shards.
             max_norm = config.clip_grad_norm if config.clip_grad_norm is not None else math.inf
             grad_norm = float(parallel.clip_grad_norm_(max_norm))
@@ -280,6 +300,8 @@ def _train_loop(
             else:
                 consecutive_skips = 0
                 optimizer.step()
+            # Aux-free: once per optimiser step, from the global-batch loads (a collective).
+            bias_balancer.step(context.all_reduce_sum_, apply=not skipped)
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += config.tokens_per_step
             window_tokens += config.tokens_per_step

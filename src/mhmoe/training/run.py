@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mhmoe import checks, distributed
-from mhmoe.config import BitNetConfig
+from mhmoe.config import LOAD_BALANCING, BitNetConfig, ModelConfig
 from mhmoe.data import TrainBatchSampler
 from mhmoe.data.prepare import prepare_run_data
 from mhmoe.evaluate import token_byte_lengths
@@ -101,6 +101,8 @@ class RunOptions:
     bitnet: bool = False
     load_balancing_weight: float = 0.01
     z_loss_weight: float = 0.0
+    load_balancing: str = "micro-batch"  # mhmoe.config.LOAD_BALANCING
+    seq_aux_loss_weight: float = 0.0
     eval_tokens: int | None = None
     final_eval_tokens: int | None = None
     eval_every: int | None = None
@@ -324,6 +326,20 @@ def _folder_is_fresh(path: Path) -> bool:
         return False
 
 
+def run_model_config(options: RunOptions, preset: Any, spec: Any, vocab_size: int, seq_len: int) -> ModelConfig:
+    """The ModelConfig of a run: the variant at the preset's scale with the run's loss weights
+    and load balancing (``--load-balancing`` goes to the MoE layers' config; a dense model has
+    nothing to balance and ignores it)."""
+    config = model_config(
+        preset, spec, vocab_size=vocab_size, max_seq_len=seq_len,
+        load_balancing_weight=options.load_balancing_weight, z_loss_weight=options.z_loss_weight,
+        seq_aux_loss_weight=options.seq_aux_loss_weight, bitnet=BitNetConfig() if options.bitnet else None,
+    )
+    if config.moe_ffn is not None and config.moe_ffn.load_balancing != options.load_balancing:
+        config = config.replace(moe_ffn=config.moe_ffn.replace(load_balancing=options.load_balancing))
+    return config
+
+
 def run_training(options: RunOptions) -> RunResult:
     """Do what ``mhmoe train`` does (module docstring); returns the run dir, config and loop result."""
 
@@ -335,14 +351,15 @@ def run_training(options: RunOptions) -> RunResult:
         checks.positive_int("--stop-at-step", options.stop_at_step)
     checks.number("--load-balancing-weight", options.load_balancing_weight, low=0)
     checks.number("--z-loss-weight", options.z_loss_weight, low=0)
+    checks.number("--seq-aux-loss-weight", options.seq_aux_loss_weight, low=0)
+    if options.load_balancing not in LOAD_BALANCING:
+        raise ValueError(f"--load-balancing {options.load_balancing!r}: must be one of {', '.join(LOAD_BALANCING)}")
     train_config = train_config_for(options, preset)
     check_batch_memory(train_config)
     resolve_device(options.device)  # a bad --device fails before the data is prepared
     # The variant's model at this scale (e.g. d_model divisible by the heads) is checked before
     # any data work; the vocabulary is the tokenizer's later, which no shape rule depends on.
-    model_config(preset, spec, vocab_size=options.vocab_size or preset.vocab_size,
-                 max_seq_len=train_config.seq_len, load_balancing_weight=options.load_balancing_weight,
-                 z_loss_weight=options.z_loss_weight, bitnet=BitNetConfig() if options.bitnet else None)
+    run_model_config(options, preset, spec, options.vocab_size or preset.vocab_size, train_config.seq_len)
 
     fresh = _folder_is_fresh(Path(options.out))
     run_dir = check_output_dir(options.out)
@@ -403,11 +420,7 @@ def _run_training(options: RunOptions, preset: Any, spec: Any, run_dir: Path, tr
     if tokenizer_path is None and context.is_main:
         tokenizer.save(run_tokenizer)  # the run folder is self-contained
 
-    model_cfg = model_config(
-        preset, spec, vocab_size=tokenizer.vocab_size, max_seq_len=train_config.seq_len,
-        load_balancing_weight=options.load_balancing_weight, z_loss_weight=options.z_loss_weight,
-        bitnet=BitNetConfig() if options.bitnet else None,
-    )
+    model_cfg = run_model_config(options, preset, spec, tokenizer.vocab_size, train_config.seq_len)
     run_config = {
         "format": ckpt.RUN_FORMAT,
         "preset": preset.name,
