@@ -238,12 +238,13 @@ def sample_next(
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
     scaled_BV = logits_BV / temperature
-    if not bool(torch.isfinite(scaled_BV).all()):
+    if bool((torch.isinf(scaled_BV) & torch.isfinite(logits_BV)).any()):
         # A tiny temperature (1e-320 in issue 16) overflows logits / T to inf, and softmax of
         # inf - inf is NaN (multinomial then raised RuntimeError). Shifting by the row maximum
         # first is the same distribution (softmax is shift-invariant) without the overflow: the
-        # maximum maps to 0, the rest to large negative numbers or -inf. Only taken when needed,
-        # so ordinary temperatures sample exactly as before.
+        # maximum maps to 0, the rest to large negative numbers or -inf. Only taken when the
+        # division itself overflows (masked -inf logits do not count), so ordinary temperatures
+        # sample exactly as before.
         shifted_BV = logits_BV - logits_BV.max(dim=-1, keepdim=True).values
         scaled_BV = torch.where(shifted_BV == 0, torch.zeros_like(shifted_BV), shifted_BV / temperature)
     logits_BV = scaled_BV

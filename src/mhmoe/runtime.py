@@ -96,6 +96,10 @@ def default_threads(processes: int = 1) -> int:
     load = load_average()
     if load is None:
         return share
+    # The load average counts the whole host; with an affinity set smaller than the host (a
+    # SLURM cpuset, docker --cpuset-cpus) our share of that load is proportional to our cores.
+    host_cores = os.cpu_count() or cores
+    load = load * min(1.0, cores / host_cores)
     idle = max(1, round(cores - load))
     return max(1, min(share, idle // max(1, processes)))
 

@@ -69,8 +69,19 @@ from mhmoe.runs import lock as run_lock
 from mhmoe.runs.eval_windows import write_eval_windows
 from mhmoe.runs.metrics import MetricsLog, NullMetrics, tensorboard_available
 from mhmoe.runs.preemption import Preempted, StopSignals
-from mhmoe.runs.validation import NonFiniteError, describe_diagnosis, diagnose_non_finite, format_value
-from mhmoe.runtime import autocast_context, available_cores, default_threads, resolve_device, resolve_precision
+from mhmoe.runs.validation import (
+    NonFiniteError,
+    describe_diagnosis,
+    diagnose_non_finite,
+    format_value,
+)
+from mhmoe.runtime import (
+    autocast_context,
+    available_cores,
+    default_threads,
+    resolve_device,
+    resolve_precision,
+)
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.schedules import learning_rate, weight_decay_at
 
@@ -240,7 +251,10 @@ def _train_loop(
     result = LoopResult(start_step, tokens_seen, last_loss)
     accumulation = config.accumulation_steps // context.world_size  # of this rank's rows
     # Global-batch counts need a counting pass unless one micro-batch on one rank is the batch.
-    count_globally = balancing.uses_global_batch(model) and (accumulation > 1 or context.world_size > 1)
+    # The counting pre-pass only serves the global-batch balancing loss: skip it when that loss
+    # has no weight, or when one forward already sees the whole global batch.
+    count_globally = (balancing.uses_global_batch(model) and model.config.load_balancing_weight > 0
+                      and (accumulation > 1 or context.world_size > 1))
     micro = config.micro_batch
     started = time.perf_counter()
     window_start, window_tokens = started, 0

@@ -71,6 +71,7 @@ from mhmoe.runs.eval_windows import FOLDER as EVAL_WINDOWS_FOLDER
 from mhmoe.runs.eval_windows import read_eval_windows
 from mhmoe.runs.metrics import read_metrics
 from mhmoe.runs.validation import check_output_dir
+from mhmoe.runtime import default_threads
 from mhmoe.training.presets import get_preset
 from mhmoe.training.run import RunOptions, data_settings, run_training
 
@@ -186,6 +187,11 @@ def reproduce(options: ReproduceOptions) -> dict[str, Any]:
     else:
         # Tokenize once: one tokenizer and one set of token caches for every run.
         template = replace(options.run, eval_fractions=fractions, data_dir=data_dir, resume=True)
+        if template.threads is None:
+            # One thread count for every run, chosen once: each run choosing from the load average
+            # would see the previous run's own load and compute (and time) differently.
+            template = replace(template, threads=default_threads())
+            logger.info("reproduce: %d torch thread(s) for every run (pass --threads to choose)", template.threads)
         settings = data_settings(template, preset)
         data = prepare_run_data(settings, data_dir, template.tokenizer)
         shared_tokenizer = data_dir / "tokenizer.json"

@@ -14,6 +14,7 @@ folder again when this call created it (or found it empty).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -36,9 +37,20 @@ from mhmoe.planning.variants import parse_variant, variant_label
 from mhmoe.runs import checkpoint as ckpt
 from mhmoe.runs import lock as run_lock
 from mhmoe.runs.metrics import tensorboard_available
-from mhmoe.runs.validation import check_free_space, check_output_dir, checkpoint_bytes_estimate
-from mhmoe.runtime import (available_cores, check_threads, default_threads, load_average, max_threads,
-                           resolve_device, seed_everything)
+from mhmoe.runs.validation import (
+    check_free_space,
+    check_output_dir,
+    checkpoint_bytes_estimate,
+)
+from mhmoe.runtime import (
+    available_cores,
+    check_threads,
+    default_threads,
+    load_average,
+    max_threads,
+    resolve_device,
+    seed_everything,
+)
 from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig, default_save_every
 from mhmoe.training.loop import LoopResult, train_loop
 from mhmoe.training.presets import get_preset, model_config, variant_summary
@@ -368,8 +380,12 @@ def run_training(options: RunOptions) -> RunResult:
         try:
             run_lock.acquire(run_dir, "mhmoe train")
         except BaseException:
-            if fresh:  # check_output_dir created it for nothing
-                shutil.rmtree(run_dir, ignore_errors=True)
+            # Refused: remove the folder only if it is still empty. Another trainer may have
+            # created it a moment ago and be holding it (its lock file makes rmdir fail), so
+            # never delete anything without the lock.
+            if fresh:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
             raise
     try:
         return _run_training(options, preset, spec, run_dir, train_config)
