@@ -18,6 +18,7 @@ from mhmoe.analytics.paired import (
     compare,
     paired_interval,
     paired_window_se,
+    ratio_standard_error,
     seeds_needed,
     student_t_cdf,
     student_t_quantile,
@@ -25,7 +26,7 @@ from mhmoe.analytics.paired import (
 )
 from mhmoe.cli import main
 from mhmoe.data.batching import eval_batches, spread_window_indices
-from mhmoe.evaluate import evaluate_tokens, ratio_standard_error
+from mhmoe.evaluate import evaluate_tokens
 from mhmoe.model import TransformerLM
 from mhmoe.planning.variants import parse_variant
 from mhmoe.runs.eval_windows import (

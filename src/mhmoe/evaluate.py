@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mhmoe.analytics.paired import ratio_standard_error
 from mhmoe.data import build_caches, load_cache, open_source
 from mhmoe.data.batching import IGNORE_INDEX, eval_batches
 from mhmoe.data.prepare import prepare_run_data
@@ -68,17 +69,6 @@ class EvalResult:
         data.pop("window_nll")
         data.pop("window_targets")
         return data
-
-
-def ratio_standard_error(window_nll: np.ndarray, window_targets: np.ndarray) -> float | None:
-    """Standard error of ``sum(nll) / sum(n)`` over windows (see ``EvalResult``); None for < 2."""
-    count = int(window_nll.shape[0])
-    if count < 2:
-        return None
-    total = float(window_targets.sum())
-    loss = float(window_nll.sum()) / total
-    residual = window_nll - loss * window_targets
-    return math.sqrt(count / (count - 1) * float(np.square(residual).sum())) / total
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:

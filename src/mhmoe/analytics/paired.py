@@ -139,19 +139,26 @@ def verdict(interval: PairedInterval, expect_lower: bool = True) -> str:
     return "not resolved"
 
 
+def ratio_standard_error(window_nll: np.ndarray, window_targets: np.ndarray) -> float | None:
+    """Standard error of the ratio ``sum(nll) / sum(n)`` with windows as the sampling units:
+    sqrt(W / (W - 1) * sum_w (nll_w - ratio * n_w)^2) / sum_w n_w (``mhmoe.evaluate.EvalResult``);
+    None for fewer than 2 windows."""
+    count = int(window_nll.shape[0])
+    if count < 2:
+        return None
+    total = float(window_targets.sum())
+    loss = float(window_nll.sum()) / total
+    residual = window_nll - loss * window_targets
+    return math.sqrt(count / (count - 1) * float(np.square(residual).sum())) / total
+
+
 def paired_window_se(nll_a: np.ndarray, nll_b: np.ndarray, targets: np.ndarray) -> float | None:
-    """Standard error over windows of the loss difference ``sum(nll_a - nll_b) / sum(targets)``."""
+    """Standard error over windows of the loss difference ``sum(nll_a - nll_b) / sum(targets)``:
+    ``ratio_standard_error`` of the per-window differences (both runs saw the same windows)."""
     nll_a, nll_b, targets = (np.asarray(v, dtype=np.float64) for v in (nll_a, nll_b, targets))
     if not nll_a.shape == nll_b.shape == targets.shape or nll_a.ndim != 1:
         raise ValueError(f"window arrays must have one 1-D shape, got {nll_a.shape}, {nll_b.shape}, {targets.shape}")
-    count = nll_a.shape[0]
-    if count < 2:
-        return None
-    difference = nll_a - nll_b
-    total = float(targets.sum())
-    mean = float(difference.sum()) / total
-    residual = difference - mean * targets
-    return math.sqrt(count / (count - 1) * float(np.square(residual).sum())) / total
+    return ratio_standard_error(nll_a - nll_b, targets)
 
 
 def seeds_needed(sd: float, effect: float = 0.02, level: float = 0.95, power: float = 0.8,
