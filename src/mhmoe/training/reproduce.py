@@ -265,15 +265,8 @@ def expert_load_reports(run_dirs: dict[str, list[tuple[int, Path]]], data_dir: P
 def total_train_seconds(results: dict[str, Any]) -> float | None:
     """The runs' optimiser-step seconds (``train_s`` of their last training line), summed; None
     when a run predates ``train_s`` (its ``elapsed_s`` counts evaluations and restarts at resume)."""
-    total = 0.0
-    for variant in results["variants"]:
-        for run in variant["runs"]:
-            last = run["train_curve"][-1] if run["train_curve"] else None
-            records = read_metrics(Path(run["run_dir"]) / ckpt.METRICS_FILE, strict=False)
-            if last is None or not any("train_s" in record for record in records):
-                return None
-            total += float(last[2])
-    return round(total, 1)
+    seconds = [run.get("train_seconds") for variant in results["variants"] for run in variant["runs"]]
+    return None if not seconds or None in seconds else round(sum(seconds), 1)
 
 
 def run_finished(run_dir: Path) -> bool:
@@ -396,7 +389,7 @@ def summarize_runs(run_dirs: dict[str, list[tuple[int, Path]]], eval_sets: list[
             train = config["train"]
             budget = {"steps": train["total_steps"], "tokens": train["total_steps"] * train["batch_size"] * train["seq_len"],
                       "batch_size": train["batch_size"], "seq_len": train["seq_len"]}
-            curve, train_curve = _read_curves(run_dir, eval_sets)
+            curve, train_curve, train_seconds = _read_curves(run_dir, eval_sets)
             run_values = values.setdefault(name, {}).setdefault(seed, {})
             for label, point in labelled_points(curve, int(train["total_steps"])).items():
                 labels_seen[label] = point["step"] / int(train["total_steps"])
@@ -409,7 +402,7 @@ def summarize_runs(run_dirs: dict[str, list[tuple[int, Path]]], eval_sets: list[
                     nll, targets = windows.get(set_name, (None, None))
                     run_values[(set_name, label)] = PointValue(point[set_name], nll, targets)
             entry["runs"].append({"seed": seed, "run_dir": str(run_dir), "curve": curve,
-                                  "train_curve": _thin(train_curve, 200)})
+                                  "train_curve": _thin(train_curve, 200), "train_seconds": train_seconds})
         entry["ppl"] = {s: {label: _mean_std(vals) for label, vals in points.items()}
                         for s, points in per_point.items()}
         variants.append(entry)
@@ -420,11 +413,13 @@ def summarize_runs(run_dirs: dict[str, list[tuple[int, Path]]], eval_sets: list[
             "comparisons": compare(values, comparison_pairs(names), expected_directions(names, bitnet))}
 
 
-def _read_curves(run_dir: Path, eval_sets: list[str]) -> tuple[list[dict[str, Any]], list[tuple]]:
-    """A run's evaluation points and (tokens, loss, train_s) training points, from metrics.jsonl."""
+def _read_curves(run_dir: Path, eval_sets: list[str]) -> tuple[list[dict[str, Any]], list[tuple], float | None]:
+    """A run's evaluation points, its (tokens, loss, train_s) training points and its total
+    optimiser-step seconds (None when the run predates ``train_s``), from metrics.jsonl."""
     curve: list[dict[str, Any]] = []
     train_curve: list[tuple] = []
     last_train_s = None
+    last_record_has_train_s = False
     for record in read_metrics(run_dir / ckpt.METRICS_FILE):
         if any(key.startswith("eval/") for key in record):
             point = {"step": record["step"], "tokens": record["tokens"], "fraction": record.get("fraction"),
@@ -436,8 +431,10 @@ def _read_curves(run_dir: Path, eval_sets: list[str]) -> tuple[list[dict[str, An
         elif "loss" in record:
             # train_s: optimiser-step seconds (older runs: elapsed_s, which includes evaluations)
             last_train_s = record.get("train_s", record.get("elapsed_s"))
+            last_record_has_train_s = "train_s" in record
             train_curve.append((record["tokens"], record["loss"], last_train_s))
-    return curve, train_curve
+    has_train_s = bool(train_curve) and last_record_has_train_s
+    return curve, train_curve, (float(train_curve[-1][2]) if has_train_s else None)
 
 
 def baseline_names(names: list[str]) -> list[str]:
