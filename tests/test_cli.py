@@ -173,6 +173,38 @@ def test_reproduce_seeds_and_shared_expert(corpus, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_reproduce_bitnet_keeps_head_merge_full_precision_and_reuses_a_data_dir(corpus, tmp_path, capsys):
+    """--bitnet-full-precision head-merge leaves the MH-MoE head and merge layers as nn.Linear
+    (everything else quantised as usual), and --data-dir puts the shared caches there, so a
+    second experiment on the same data tokenizes nothing again."""
+    data_dir = tmp_path / "shared-data"
+    args = ["reproduce", "--preset", "tiny", "--data", str(corpus), "--max-train-bytes", "200000",
+            "--variants", "mhmoe_h2", "--tokens", "256", "--bitnet",
+            "--bitnet-full-precision", "head-merge", "--data-dir", str(data_dir),
+            "--quiet", "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert not (tmp_path / "a" / "data").exists() and (data_dir / "train.tokens").is_file()
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["bitnet"] and results["bitnet_full_precision"] == ["head-merge"]
+    assert results["experiment"].startswith("BitNet b1.58, head-merge in full precision")
+    model, _, _ = ckpt.load_run(tmp_path / "a" / "runs" / "mhmoe_h2" / "seed0")
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()}
+    assert kinds["blocks.1.ffn.head"] == "Linear" and kinds["blocks.1.ffn.merge"] == "Linear"
+    assert kinds["blocks.1.ffn.experts"] == "BitExperts" and kinds["blocks.1.attention.qkv"] == "BitLinear"
+    stamp = (data_dir / "train.tokens").stat().st_mtime_ns
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert (data_dir / "train.tokens").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+
+
+def test_bitnet_full_precision_needs_bitnet(corpus, tmp_path, capsys):
+    code = main(["train", "--preset", "tiny", "--data", str(corpus), "--bitnet-full-precision", "head-merge",
+                 "--max-steps", "1", "--quiet", "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "--bitnet-full-precision head-merge: needs --bitnet" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_reproduce_ablation_variants():
     from mhmoe.training.reproduce import default_variants
 

@@ -190,6 +190,24 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head")
 """Module names ``to_bitnet`` leaves in full precision unless ``exclude`` is given."""
 
 
+BITNET_FULL_PRECISION: dict[str, tuple[str, ...]] = {
+    "head-merge": ("*.ffn.head", "*.ffn.merge"),
+    "attention": ("*.attention.qkv", "*.attention.out"),
+}
+"""Parts a BitNet run can keep in full precision on top of ``DEFAULT_EXCLUDE`` (the name on
+``--bitnet-full-precision`` and the module-name patterns it adds to ``exclude``)."""
+
+
+def bitnet_config_keeping(parts: tuple[str, ...] | list[str] = ()) -> "BitNetConfig":
+    """The default BitNet config with ``parts`` (keys of ``BITNET_FULL_PRECISION``) also left in
+    full precision."""
+    unknown = [part for part in parts if part not in BITNET_FULL_PRECISION]
+    if unknown:
+        raise ValueError(f"BitNet full-precision parts {unknown}: must be among {sorted(BITNET_FULL_PRECISION)}")
+    extra = tuple(pattern for part in dict.fromkeys(parts) for pattern in BITNET_FULL_PRECISION[part])
+    return BitNetConfig(exclude=DEFAULT_EXCLUDE + extra)
+
+
 @dataclass(frozen=True)
 class BitNetConfig:
     """The options of ``to_bitnet``, JSON-able (stored with run configs and ternary exports)."""

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from mhmoe.config import LOAD_BALANCING
+from mhmoe.config import BITNET_FULL_PRECISION, LOAD_BALANCING
 from mhmoe.data.splits import DEFAULT_HELDOUT_FRACTION, parse_eval_spec, parse_eval_specs
 from mhmoe.data.tokenizer import DEFAULT_SAMPLE_BYTES
 from mhmoe.planning.variants import parse_variant
@@ -166,6 +166,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, single_run: bool = T
                        help="train as BitNet b1.58: ternary weights, 8-bit activations in attention, "
                             "dense FFNs, experts, head/merge; embeddings, LM head, router full precision "
                             "(paper Table 3; mhmoe.bitnet)")
+    group.add_argument("--bitnet-full-precision", nargs="+", choices=BITNET_FULL_PRECISION, default=(),
+                       metavar="PART",
+                       help="with --bitnet, also keep these parts in full precision: head-merge (the "
+                            "MH-MoE head and merge layers), attention (docs/bitnet.md)")
     group.add_argument("--schedule", choices=("polynomial", "cosine", "constant", "two-stage"), default="polynomial",
                        help="decay after warmup (default polynomial, power 1, as the authors' scripts)")
     group.add_argument("--weight-decay", type=non_negative_float, default=0.01, metavar="W", help="AdamW weight decay (default 0.01)")

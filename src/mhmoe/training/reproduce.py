@@ -178,7 +178,9 @@ def reproduce(options: ReproduceOptions) -> dict[str, Any]:
     fractions = _eval_fractions(options.eval_points)
     started = time.perf_counter()
 
-    data_dir = out / "data"
+    # One tokenizer and one set of token caches for every run: OUT/data unless --data-dir names
+    # another folder (e.g. the caches of an earlier experiment on the same data).
+    data_dir = Path(options.run.data_dir) if options.run.data_dir is not None else out / "data"
     if options.summarize_only:
         # No data work and no training: the runs that have finished, as they are.
         run_dirs = finished_runs(out, variants, seeds)
@@ -218,10 +220,12 @@ def reproduce(options: ReproduceOptions) -> dict[str, Any]:
         "format": RESULTS_FORMAT,
         "preset": preset.name,
         "experiment": ("BitNet b1.58, " if options.run.bitnet else "") + (
+                      "".join(f"{part} in full precision, " for part in options.run.bitnet_full_precision)) + (
                       "head-merge ablation (Tables 4-5)" if options.ablation else
                       ("shared expert (Table 2)" if options.shared_expert else
                        ("Table 3" if options.run.bitnet else "Table 1"))),
         "bitnet": options.run.bitnet,
+        "bitnet_full_precision": list(options.run.bitnet_full_precision),
         "seeds": seeds,
         "data": settings,
         "wall_time_s": round(time.perf_counter() - started, 1),

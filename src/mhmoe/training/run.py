@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mhmoe import checks, distributed
-from mhmoe.config import LOAD_BALANCING, BitNetConfig, ModelConfig
+from mhmoe.config import LOAD_BALANCING, ModelConfig, bitnet_config_keeping
 from mhmoe.data import TrainBatchSampler
 from mhmoe.data.prepare import prepare_run_data
 from mhmoe.evaluate import token_byte_lengths
@@ -111,6 +111,7 @@ class RunOptions:
     weight_decay: float = 0.01
     clip_grad_norm: float | None = 2.0
     bitnet: bool = False
+    bitnet_full_precision: tuple[str, ...] = ()  # mhmoe.config.BITNET_FULL_PRECISION keys
     load_balancing_weight: float = 0.01
     z_loss_weight: float = 0.0
     load_balancing: str = "micro-batch"  # mhmoe.config.LOAD_BALANCING
@@ -345,7 +346,8 @@ def run_model_config(options: RunOptions, preset: Any, spec: Any, vocab_size: in
     config = model_config(
         preset, spec, vocab_size=vocab_size, max_seq_len=seq_len,
         load_balancing_weight=options.load_balancing_weight, z_loss_weight=options.z_loss_weight,
-        seq_aux_loss_weight=options.seq_aux_loss_weight, bitnet=BitNetConfig() if options.bitnet else None,
+        seq_aux_loss_weight=options.seq_aux_loss_weight, 
+        bitnet=bitnet_config_keeping(options.bitnet_full_precision) if options.bitnet else None,
     )
     if config.moe_ffn is not None and config.moe_ffn.load_balancing != options.load_balancing:
         config = config.replace(moe_ffn=config.moe_ffn.replace(load_balancing=options.load_balancing))
@@ -366,6 +368,8 @@ def run_training(options: RunOptions) -> RunResult:
     checks.number("--seq-aux-loss-weight", options.seq_aux_loss_weight, low=0)
     if options.load_balancing not in LOAD_BALANCING:
         raise ValueError(f"--load-balancing {options.load_balancing!r}: must be one of {', '.join(LOAD_BALANCING)}")
+    if options.bitnet_full_precision and not options.bitnet:
+        raise ValueError(f"--bitnet-full-precision {' '.join(options.bitnet_full_precision)}: needs --bitnet")
     train_config = train_config_for(options, preset)
     check_batch_memory(train_config)
     resolve_device(options.device)  # a bad --device fails before the data is prepared
