@@ -5,13 +5,16 @@ DeepSeek-V3's aux-loss-free selection bias and sequence-wise loss."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import socket
 from pathlib import Path
 
 import pytest
 import torch
+from test_train import write_corpus
 
+from mhmoe.cli import main
 from mhmoe.config import BitNetConfig, DenseConfig, ModelConfig, MoEConfig
 from mhmoe.layers import balancing
 from mhmoe.layers.mh_moe import MHMoE
@@ -24,8 +27,9 @@ from mhmoe.layers.routing import (
     update_selection_bias,
 )
 from mhmoe.model import TransformerLM, lm_loss
-from mhmoe.training.loop import build_optimizer
+from mhmoe.runs.metrics import read_metrics
 from mhmoe.training.config import TrainConfig
+from mhmoe.training.loop import build_optimizer
 
 VOCAB, SEQ_LEN = 64, 12
 
@@ -364,3 +368,42 @@ def test_config_rejects_unknown_modes_and_old_configs_still_load():
     del data["seq_aux_loss_weight"]
     config = ModelConfig.from_dict(data)  # a config.json written before issue 15
     assert config.moe_ffn.load_balancing == "micro-batch" and config.seq_aux_loss_weight == 0.0
+
+
+def _load_table_script():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "load_balancing_table.py"
+    spec = importlib.util.spec_from_file_location("load_balancing_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evidence_table_pairs_each_mode_with_micro_batch_balancing(tmp_path):
+    """benchmarks/load_balancing_table.py on three tiny reproduce folders: the paired difference
+    is ppl(mode) / ppl(micro-batch) - 1 per seed, read from the runs' own metrics; aux-free
+    rows time the bias update; a missing mode is one clear error."""
+    table_script = _load_table_script()
+    corpus = write_corpus(tmp_path / "text", documents=30, words=300, seed=3)
+    for mode in table_script.MODES:
+        assert main(["reproduce", "--preset", "tiny", "--data", str(corpus), "--variants", "mhmoe_h2",
+                     "--seeds", "2", "--tokens", "256", "--load-balancing", mode, "--quiet", "--threads", "1",
+                     "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "lb" / mode)]) == 0
+    table = table_script.build_table(tmp_path / "lb", ["mhmoe_h2"], "heldout")
+    final_ppl = {
+        (mode, seed): [r for r in read_metrics(tmp_path / "lb" / mode / "runs" / "mhmoe_h2" / f"seed{seed}"
+                                               / "metrics.jsonl") if "eval/heldout/ppl" in r][-1]["eval/heldout/ppl"]
+        for mode in table_script.MODES for seed in (0, 1)
+    }
+    for mode in ("global-batch", "aux-free"):
+        row = table[("mhmoe_h2", mode)]
+        expected = [final_ppl[(mode, s)] / final_ppl[("micro-batch", s)] - 1 for s in (0, 1)]
+        assert row["vs_micro_batch"]["per_seed"] == pytest.approx(expected, rel=1e-12)
+        assert row["vs_micro_batch"]["verdict"] in ("lower", "higher", "not resolved")
+        assert all(se is not None and se >= 0 for se in row["vs_micro_batch"]["eval_se_loss"])
+    assert "vs_micro_batch" not in table[("mhmoe_h2", "micro-batch")]
+    assert 0 < table[("mhmoe_h2", "aux-free")]["bias_update_s"] < 1.0
+    text = table_script.markdown(table, "heldout")
+    assert text.count("| mhmoe_h2 |") == 3 and "aux-free bias update" in text
+    (tmp_path / "lb" / "global-batch" / "runs").rename(tmp_path / "moved")
+    with pytest.raises(SystemExit, match="global-batch"):
+        table_script.build_table(tmp_path / "lb", ["mhmoe_h2"], "heldout")
