@@ -22,6 +22,7 @@ import torch
 from mhmoe.cli import main
 from mhmoe.config import BitNetConfig, ModelConfig
 from mhmoe.hf.export import REQUIRED_FILES, ExportError, check_export_dir, export_model, load_hf_export
+from mhmoe.hf.remote_code import remote_code_files
 from mhmoe.model import TransformerLM, lm_loss
 from mhmoe.runs.checkpoint import load_run
 
@@ -88,7 +89,7 @@ def _ids(tokenizer, text: str = "The sea is calm and blue ships sail over the wa
 
 def test_export_writes_a_complete_folder_atomically(run_dir, export_dir, run_model):
     names = sorted(p.name for p in export_dir.iterdir())
-    assert names == sorted([*REQUIRED_FILES, "generation_config.json"])
+    assert names == sorted([*REQUIRED_FILES, "generation_config.json", *remote_code_files()])
     config = check_export_dir(export_dir)
     assert config["model_type"] == "mhmoe" and config["architectures"] == ["MHMoEForCausalLM"]
     tokenizer = run_model[1]
@@ -168,7 +169,7 @@ def test_auto_classes_load_the_export_with_identical_logits(hf, export_dir, run_
     hf_tokenizer = hf.AutoTokenizer.from_pretrained(export_dir)
     assert isinstance(hf_tokenizer, hf.PreTrainedTokenizerFast)
     assert hf_tokenizer.eos_token == hf_tokenizer.bos_token == "<|endoftext|>"
-    assert hf_tokenizer("The sea")["input_ids"] == tokenizer.encode("The sea")
+    assert hf_tokenizer("The sea")["input_ids"] == tokenizer.encode("The sea")  # no BOS, as `mhmoe generate`
     assert hf.AutoConfig.from_pretrained(export_dir).to_model_config() == model.config
 
 
@@ -196,12 +197,16 @@ def test_loss_and_routing_outputs(hf, export_dir, run_model):
     ids = torch.cat([first[:, :length], second[:, :length]])
     with torch.no_grad():
         reference = model(ids)
-        plain = hf_model(ids, labels=ids)  # eval mode: no routing outputs, no aux loss
+        plain = hf_model(ids, labels=ids)  # no routing outputs, no aux loss (Mixtral's rule) ...
+        hf_model.train()
+        trained = hf_model(ids, labels=ids)  # ... in training mode too
+        hf_model.eval()
         routed = hf_model(ids, labels=ids, output_router_logits=True)
         labels = ids.clone()
         labels[:, :5] = -100
         masked = hf_model(ids, labels=labels)
     assert plain.aux_loss is None and plain.router_logits is None
+    assert trained.aux_loss is None and trained.router_logits is None
     expected = lm_loss(reference.logits[:, :-1], ids[:, 1:])
     torch.testing.assert_close(plain.loss, expected)
     torch.testing.assert_close(routed.aux_loss, reference.aux_loss)
@@ -209,14 +214,18 @@ def test_loss_and_routing_outputs(hf, export_dir, run_model):
     torch.testing.assert_close(masked.loss, lm_loss(reference.logits[:, 4:-1], ids[:, 5:]))
     moe = model.config.moe_ffn
     batch, seq = ids.shape
-    assert len(routed.router_logits) == model.config.num_moe_layers == len(reference.moe_aux)
-    for logits, expert_ids, counts, aux in zip(routed.router_logits, routed.expert_ids,
-                                               routed.tokens_per_expert, reference.moe_aux):
-        assert logits.shape == (batch, seq, moe.num_heads, moe.num_experts)
-        assert expert_ids.shape == (batch, seq, moe.num_heads, moe.top_k)
+    heads = moe.num_heads
+    # transformers' layout: num_moe_layers * H tensors (B*T, E), entry l * H + h = head h of layer l.
+    assert len(routed.router_logits) == model.config.num_moe_layers * heads
+    assert len(routed.expert_ids) == model.config.num_moe_layers == len(reference.moe_aux)
+    for layer, (expert_ids, counts, aux) in enumerate(zip(routed.expert_ids, routed.tokens_per_expert,
+                                                           reference.moe_aux)):
+        logits = torch.stack(routed.router_logits[layer * heads:(layer + 1) * heads], dim=1)  # (B*T, H, E)
+        assert logits.shape == (batch * seq, heads, moe.num_experts)
+        assert expert_ids.shape == (batch, seq, heads, moe.top_k)
         assert torch.equal(expert_ids.reshape(-1, moe.top_k), aux.expert_ids)
-        assert torch.equal(logits.topk(moe.top_k, dim=-1).indices, expert_ids)
-        assert int(counts.sum()) == batch * seq * moe.num_heads * moe.top_k
+        assert torch.equal(logits.topk(moe.top_k, dim=-1).indices, expert_ids.reshape(batch * seq, heads, -1))
+        assert int(counts.sum()) == batch * seq * heads * moe.top_k
 
 
 def test_import_hook_registers_when_transformers_is_first_imported(hf, export_dir):
@@ -422,3 +431,105 @@ def copy_without_capacity(lm: TransformerLM) -> TransformerLM:
         if block.is_moe:
             block.ffn.capacity_factor = None
     return other
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 14: HF MoE conventions, gradient checkpointing, generation defaults, BOS
+# ---------------------------------------------------------------------------------------------
+
+
+def test_router_logits_fit_transformers_load_balancing_loss_with_padding(hf, export_dir):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model = hf.AutoModelForCausalLM.from_pretrained(export_dir, router_aux_loss_coef=0.0)
+    assert model.config.load_balancing_weight == 0.0 == model.config.router_aux_loss_coef
+    tok = hf.AutoTokenizer.from_pretrained(export_dir)
+    batch = tok(["The sea", "Birds fly home under a bright sky"], return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    assert mask[0, 0] == 0
+    with torch.no_grad():
+        out = model(**batch, labels=batch["input_ids"], output_router_logits=True)
+    moe = model.config.moe_ffn
+    experts, top_k = moe["num_experts"], moe["top_k"]
+    # router_aux_loss_coef=0 and no z-loss: nothing is added to the LM loss.
+    assert float(out.aux_loss) == 0.0
+    got = load_balancing_loss_func(out.router_logits, experts, top_k, mask)
+    # By hand over the real (unpadded) sub-tokens of every layer and head: E * sum_i f_i P_i.
+    rows = torch.cat([logits[mask.reshape(-1).bool()] for logits in out.router_logits])  # (R, E)
+    probs = rows.softmax(dim=-1)
+    counts = torch.zeros(experts).scatter_add_(0, probs.topk(top_k, dim=-1).indices.reshape(-1),
+                                                torch.ones(rows.shape[0] * top_k))
+    expected = experts * float((counts / rows.shape[0] * probs.mean(dim=0)).sum())
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(hf, export_dir, run_model):
+    ids = _ids(run_model[1])
+    results = []
+    for checkpointing in (False, True):
+        model = hf.AutoModelForCausalLM.from_pretrained(export_dir)
+        assert model.supports_gradient_checkpointing
+        if checkpointing:
+            model.gradient_checkpointing_enable()  # the name Trainer and most users call (deprecated alias)
+            assert model.model.gradient_checkpointing
+        model.train()
+        out = model(ids, labels=ids, output_router_logits=True, use_cache=False)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), out.aux_loss.detach(), grads))
+    (loss, aux, grads), (loss_ckpt, aux_ckpt, grads_ckpt) = results
+    assert torch.equal(loss, loss_ckpt) and torch.equal(aux, aux_ckpt) and float(aux) > 0
+    assert grads.keys() == grads_ckpt.keys() and any("router" in name for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0, msg=name)
+    model = hf.AutoModelForCausalLM.from_pretrained(export_dir)
+    with pytest.raises(ValueError, match="use_reentrant=True: not supported"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.train()(ids)
+
+
+def test_generate_clamps_to_the_context_with_a_clear_warning(hf, export_dir, caplog):
+    model = hf.AutoModelForCausalLM.from_pretrained(export_dir)
+    tok = hf.AutoTokenizer.from_pretrained(export_dir)
+    inputs = tok("The sea", return_tensors="pt")
+    context = model.config.max_position_embeddings
+    with caplog.at_level("WARNING", logger="mhmoe.hf.modeling"):
+        out = model.generate(**inputs, max_new_tokens=10 * context, do_sample=False, eos_token_id=None)
+    assert out.shape[1] == context
+    assert f"max_new_tokens={10 * context}" in caplog.text and f"max_position_embeddings={context}" in caplog.text
+    with pytest.raises(ValueError, match=f"must be shorter than the context length max_position_embeddings={context}"):
+        model.generate(torch.zeros((1, context), dtype=torch.long), max_new_tokens=1)
+
+
+def test_hf_greedy_text_equals_mhmoe_generate(hf, export_dir, capsys):
+    model = hf.AutoModelForCausalLM.from_pretrained(export_dir)
+    tok = hf.AutoTokenizer.from_pretrained(export_dir)
+    prompt = "Ships sail over"
+    inputs = tok(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    hf_text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert main(["generate", str(export_dir), "--prompt", prompt, "--max-new-tokens", "10", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + hf_text + "\n"
+
+
+def test_python_dash_m_mhmoe_runs_the_cli():
+    for module in ("mhmoe", "mhmoe.cli"):
+        result = subprocess.run([sys.executable, "-m", module, "export", "--help"], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.startswith("usage: mhmoe export"), module
+
+
+def test_trainer_with_gradient_checkpointing_and_router_aux_loss(hf, export_dir, run_model, tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    model = hf.AutoModelForCausalLM.from_pretrained(export_dir, output_router_logits=True)
+    ids = _ids(run_model[1])[0].tolist()
+    rows = [{"input_ids": ids, "labels": ids} for _ in range(4)]
+    args = hf.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=2, per_device_train_batch_size=2,
+                                gradient_checkpointing=True, use_cpu=True, report_to=[], save_strategy="no",
+                                logging_steps=1, learning_rate=1e-3, disable_tqdm=True)
+    trainer = hf.Trainer(model=model, args=args, train_dataset=rows)
+    before = model.model.layers[1].ffn.router.weight.detach().clone()
+    result = trainer.train()
+    assert model.model.gradient_checkpointing and math.isfinite(result.training_loss)
+    assert not torch.equal(model.model.layers[1].ffn.router.weight, before)  # the router was trained

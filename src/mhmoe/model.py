@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mhmoe.bitnet.convert import apply_bitnet
 from mhmoe.config import DenseConfig, ModelConfig, MoEConfig
@@ -181,6 +182,9 @@ class TransformerLM(nn.Module):
             Block(config, config.ffn_for_block(i)) for i in range(config.num_layers)
         )
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        # Recompute each block in the backward pass (torch.utils.checkpoint, non-reentrant) when
+        # training with autograd: less activation memory, the same outputs and gradients.
+        self.activation_checkpointing = False
         self.lm_head = (
             None if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -198,8 +202,12 @@ class TransformerLM(nn.Module):
         cos_TC, sin_TC = self.rotary(ids_BT.shape[1], self.embed.weight.device)
         x_BTD = self.embed(ids_BT)
         moe_aux: list[MoEAux] = []
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BTD, aux = block(x_BTD, cos_TC, sin_TC)
+            if checkpointing:
+                x_BTD, aux = checkpoint(block, x_BTD, cos_TC, sin_TC, use_reentrant=False)
+            else:
+                x_BTD, aux = block(x_BTD, cos_TC, sin_TC)
             if aux is not None:
                 moe_aux.append(aux)
         x_BTD = self.final_norm(x_BTD)

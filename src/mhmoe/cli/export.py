@@ -10,6 +10,14 @@ Without ``--ternary`` the run is written as a Hugging Face folder
 quantised weights are packed 4 per byte (``mhmoe.bitnet.ternary``) and the rest is stored in
 ``--dtype`` (float32 by default: the loaded model then reproduces the training-time logits
 exactly). The tokenizer files of the run directory are copied along. Prints file sizes.
+
+A ``--ternary`` folder is mhmoe's own packed format (``mhmoe.bitnet.ternary``: 2-bit codes and
+scales under other names than the model's parameters, unpacked by mhmoe's Ternary* modules at
+every forward), read by ``mhmoe generate`` / ``mhmoe.bitnet.ternary.load_export``; it is not
+a transformers folder. Its config.json names a one-class ``configuration_mhmoe_ternary.py``
+(``auto_map``) so that ``from_pretrained(OUT, trust_remote_code=True)`` stops with one line
+saying so; the Hugging Face folder of a BitNet run (without ``--ternary``) carries the same
+model with its latent weights, quantised on the fly: the same logits.
 """
 
 from __future__ import annotations
@@ -26,9 +34,27 @@ from mhmoe.bitnet import ternary
 from mhmoe.bitnet.convert import bitnet_modules
 from mhmoe.cli import CLIError
 from mhmoe.hf.export import export_hf
+from mhmoe.runs.atomic import atomic_write_text
 from mhmoe.runs.checkpoint import load_run
 
 TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer*.model", "vocab*", "merges*")
+TERNARY_REFUSAL_FILE = "configuration_mhmoe_ternary.py"
+TERNARY_REFUSAL = (
+    "this folder is a packed ternary mhmoe export (format mhmoe-ternary, 2-bit weights): transformers "
+    "cannot load it; read it with `mhmoe generate OUT` or mhmoe.bitnet.ternary.load_export, or export "
+    "without --ternary for a Hugging Face folder (the same BitNet model, the same logits)"
+)
+TERNARY_REFUSAL_CODE = f'''\"\"\"Written by `mhmoe export --ternary`: transformers cannot read this folder (see the error).\"\"\"
+
+from transformers import PreTrainedConfig
+
+
+class MHMoETernaryExport(PreTrainedConfig):
+    model_type = "mhmoe-ternary"
+
+    def __init__(self, **kwargs):
+        raise ValueError({TERNARY_REFUSAL!r})
+'''
 
 
 def register(subparsers) -> None:
@@ -106,7 +132,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"run {args.run_dir!r} has no BitNet layers: --ternary needs a run trained with --bitnet"
         )
-    ternary.export_ternary(model, out, dtype=args.dtype, extra=extra)
+    manifest = ternary.export_ternary(model, out, dtype=args.dtype, extra=extra)
+    # transformers, asked for this folder with trust_remote_code, meets the refusal (docstring).
+    atomic_write_text(out / TERNARY_REFUSAL_FILE, TERNARY_REFUSAL_CODE)
+    manifest["auto_map"] = {"AutoConfig": f"{TERNARY_REFUSAL_FILE[:-3]}.MHMoETernaryExport"}
+    atomic_write_text(out / ternary.CONFIG_FILE, json.dumps(manifest, indent=2) + "\n")
     copied = _copy_tokenizer(Path(args.run_dir), out, tokenizer)
     size = (out / ternary.WEIGHTS_FILE).stat().st_size
     state = model.state_dict()

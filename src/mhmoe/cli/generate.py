@@ -5,8 +5,10 @@
     mhmoe generate runs/h2 --prompt "The sea" --top-k 40 --seed 1 --max-new-tokens 100
 
 MODEL is a run folder (``mhmoe train``) or an export folder (``mhmoe export``); both are read
-without transformers. The prompt is conditioned as the start of a document: it is preceded by
-``<|endoftext|>``, the document separator of the training data. Decoding uses a KV cache
+without transformers. The prompt's tokens are fed as they are, with no ``<|endoftext|>`` before
+them: the ids the exported tokenizer gives (``AutoTokenizer``, lm-eval's contexts), so the same
+prompt gives the same greedy tokens here and in transformers. An empty prompt starts from
+``<|endoftext|>`` (the document separator of the training data). Decoding uses a KV cache
 (``--no-cache`` recomputes the whole sequence every step; same tokens, slower) and stops at
 ``<|endoftext|>``, after ``--max-new-tokens`` tokens, or when the sequence fills the model's
 context (``max_seq_len``). The prompt and the continuation go to stdout as they are produced; a
@@ -125,11 +127,12 @@ def run_generate(args: argparse.Namespace) -> int:
     _check_prompt(args.prompt)
     device = resolve_device(args.device)
     model, tokenizer, description = load_model(args.model, args.step, str(device))
-    prompt_ids = [tokenizer.eot_id, *tokenizer.encode(args.prompt)]
+    # As the exported tokenizer (no BOS); an empty prompt needs a token to start from.
+    prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
     context = model.config.max_seq_len
     if len(prompt_ids) >= context:
         raise CLIError(
-            f"--prompt is {len(prompt_ids) - 1} tokens (+1 for <|endoftext|>): the model's context is "
+            f"--prompt is {len(prompt_ids)} tokens: the model's context is "
             f"max_seq_len={context} tokens, leaving no room to generate; shorten the prompt"
         )
     generator = None

@@ -203,6 +203,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, single_run: bool = T
     group.add_argument("--max-skipped-steps", type=positive_int, default=5, metavar="N",
                        help="stop after N consecutive steps with a non-finite loss or gradient (each is "
                             "skipped: no update; default 5; docs/reliability.md)")
+    group.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass (less memory, about "
+                            "a third more compute; the same losses)")
     group.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="auto (default): bf16 autocast on GPU, fp32 on CPU")

@@ -20,6 +20,9 @@ is all a program needs before using the Auto classes:
   (and registered) on first access: ``from mhmoe.hf import MHMoEForCausalLM``.
 
 ``mhmoe.decoding`` (KV-cached decoding over a TransformerLM) needs no transformers.
+
+Where mhmoe is not installed, an export folder loads with ``trust_remote_code=True``: it
+carries a copy of these modules (``mhmoe.hf.remote_code``), named by config.json's auto_map.
 """
 
 from __future__ import annotations

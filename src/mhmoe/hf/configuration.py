@@ -1,12 +1,14 @@
 """``MHMoEConfig``: the transformers configuration of an mhmoe language model.
 
 It carries the fields of ``mhmoe.model.ModelConfig`` under Hugging Face names where one
-exists (``mhmoe.hf.export.HF_NAMES``: d_model -> hidden_size, num_layers -> num_hidden_layers,
+exists (``mhmoe.hf.naming.HF_NAMES``: d_model -> hidden_size, num_layers -> num_hidden_layers,
 max_seq_len -> max_position_embeddings, tie_embeddings -> tie_word_embeddings, norm_eps ->
 rms_norm_eps) and under their own names otherwise (dense_ffn, moe_ffn, moe_every, rope_theta,
 load_balancing_weight, z_loss_weight, seq_aux_loss_weight; the load-balancing mode and the
 capacity rule are fields of the ``moe_ffn`` dict: load_balancing, capacity_priority,
-capacity_at_eval, bias_update_rate), plus ``bitnet`` (the ``mhmoe.config.BitNetConfig``
+capacity_at_eval, bias_update_rate), ``router_aux_loss_coef`` as an alias of
+load_balancing_weight (transformers' MoE name: ``MHMoEConfig(router_aux_loss_coef=0.0)``,
+``from_pretrained(path, router_aux_loss_coef=0.0)``), plus ``bitnet`` (the ``mhmoe.config.BitNetConfig``
 dict of a BitNet model, None for full precision) and ``output_router_logits``.
 
 The config is validated on creation through ``ModelConfig`` (ValueError naming the value and
@@ -22,7 +24,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 
 from mhmoe.config import ModelConfig
-from mhmoe.hf.export import HF_NAMES, MODEL_TYPE, model_config_from_hf
+from mhmoe.hf.naming import HF_NAMES, MODEL_TYPE, model_config_from_hf
 
 
 class MHMoEConfig(PreTrainedConfig):
@@ -36,6 +38,8 @@ class MHMoEConfig(PreTrainedConfig):
 
     model_type = MODEL_TYPE
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # The name of transformers' MoE models (Mixtral, Qwen3-MoE) for the load-balancing weight.
+    attribute_map = {"router_aux_loss_coef": "load_balancing_weight"}
 
     def __init__(
         self,
@@ -119,5 +123,8 @@ class MHMoEConfig(PreTrainedConfig):
         return cls(**fields, **kwargs)
 
 
-# Importing this module is enough for AutoConfig (mhmoe.hf.modeling registers the models).
-AutoConfig.register(MODEL_TYPE, MHMoEConfig, exist_ok=True)
+# Importing this module is enough for AutoConfig (mhmoe.hf.modeling registers the models). Not
+# as the copy inside an export folder (mhmoe.hf.remote_code): there config.json's auto_map names
+# the class, and registering the copy would take model_type "mhmoe" from an imported mhmoe.
+if __name__ == "mhmoe.hf.configuration":
+    AutoConfig.register(MODEL_TYPE, MHMoEConfig, exist_ok=True)

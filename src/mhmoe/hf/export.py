@@ -24,9 +24,15 @@ Export folder layout (``EXPORT_FORMAT``)::
                                  final_norm.weight  -> model.norm.weight
                                  lm_head.weight     -> lm_head.weight (absent when tied)
       tokenizer.json           the run's tokenizer (Hugging Face ``tokenizers`` JSON)
-      tokenizer_config.json    PreTrainedTokenizerFast, bos = eos = pad = <|endoftext|>
-      generation_config.json   bos/eos/pad token ids (the context length is config.json's
-                               max_position_embeddings)
+      tokenizer_config.json    PreTrainedTokenizerFast, bos = eos = pad = <|endoftext|>, no BOS
+                               added (as ``mhmoe generate``: the same prompt, the same ids)
+      generation_config.json   bos/eos/pad token ids (no max_length: MHMoEForCausalLM.generate
+                               clamps prompt + new tokens to max_position_embeddings, with a
+                               warning, whatever max_new_tokens a client asks for)
+      configuration_mhmoe.py,  the modeling code, generated from mhmoe's own modules
+      modeling_mhmoe.py,       (``mhmoe.hf.remote_code``): config.json's "auto_map" names them,
+      mhmoe_*.py               so the folder loads with trust_remote_code=True where mhmoe is
+                               not installed (and without it where mhmoe is imported)
 
 The folder is written atomically: every file goes into a hidden temporary folder next to OUT,
 which is then renamed to OUT. An existing OUT is replaced only when it is empty or an earlier
@@ -52,52 +58,37 @@ from safetensors.torch import save_file as safetensors_save_file
 from mhmoe.bitnet.convert import bitnet_modules
 from mhmoe.config import ModelConfig
 from mhmoe.data import load_tokenizer
+from mhmoe.hf.naming import (
+    ARCHITECTURE,
+    CONFIG_FILE,
+    HF_NAMES,
+    MODEL_TYPE,
+    WEIGHTS_FILE,
+    ExportError,
+    hf_state_dict,
+    mhmoe_state_dict,
+    model_config_from_hf,
+)
+from mhmoe.hf.remote_code import AUTO_MAP, remote_code_files
 from mhmoe.model import TransformerLM
 from mhmoe.runs.atomic import fsync_directory
 from mhmoe.runs.checkpoint import load_run, resolve_checkpoint
-from mhmoe.runtime import dtype_name, resolve_dtype
+from mhmoe.runtime import dtype_name
 from mhmoe.version import __version__
 
 logger = logging.getLogger(__name__)
 
 
 EXPORT_FORMAT = "mhmoe-hf/1"
-MODEL_TYPE = "mhmoe"
-ARCHITECTURE = "MHMoEForCausalLM"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 EOT_TOKEN = "<|endoftext|>"
 
-# ModelConfig field -> Hugging Face config key. Every other ModelConfig field keeps its name.
-HF_NAMES: dict[str, str] = {
-    "d_model": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "max_seq_len": "max_position_embeddings",
-    "tie_embeddings": "tie_word_embeddings",
-    "norm_eps": "rms_norm_eps",
-}
-_MHMOE_NAMES = {hf: ours for ours, hf in HF_NAMES.items()}
-
-# TransformerLM state_dict prefix -> Hugging Face prefix (MHMoEForCausalLM).
-_KEY_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("embed.", "model.embed_tokens."),
-    ("blocks.", "model.layers."),
-    ("final_norm.", "model.norm."),
-    ("lm_head.", "lm_head."),
-)
-
-
-
-class ExportError(ValueError):
-    """An export folder that cannot be written or read (the message names the path and the rule)."""
-
 
 # ---------------------------------------------------------------------------------------------
-# Config and state-dict conversion (pure functions)
+# Config (pure functions; the names and weight conversions are in mhmoe.hf.naming)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -120,6 +111,7 @@ def hf_config_dict(
         data[HF_NAMES.get(name, name)] = value
     data.update(
         {
+            "auto_map": dict(AUTO_MAP),
             "bos_token_id": eot_id,
             "eos_token_id": eot_id,
             "pad_token_id": eot_id,
@@ -132,69 +124,6 @@ def hf_config_dict(
     if export_info is not None:
         data["mhmoe_export"] = dict(export_info)
     return data
-
-
-def model_config_from_hf(data: Mapping[str, Any]) -> ModelConfig:
-    """The ``ModelConfig`` inside an export's config.json (or an ``MHMoEConfig.to_dict()``).
-
-    Keys that are not ModelConfig fields (HF metadata) are ignored; ModelConfig validates the
-    rest and raises ValueError naming the offending value.
-    """
-    if not isinstance(data, Mapping):
-        raise ExportError(f"config {data!r}: must be a JSON object")
-    model_type = data.get("model_type", MODEL_TYPE)
-    if model_type != MODEL_TYPE:
-        raise ExportError(f"config model_type={model_type!r}: must be {MODEL_TYPE!r} (an mhmoe export)")
-    fields = set(ModelConfig.__dataclass_fields__)
-    model: dict[str, Any] = {}
-    for key, value in data.items():
-        name = _MHMOE_NAMES.get(key, key)
-        if name in fields:
-            model[name] = value
-    missing = sorted(HF_NAMES.get(f, f) for f in ("vocab_size", "d_model", "num_layers",
-                                                  "num_attention_heads", "max_seq_len", "dense_ffn")
-                     if f not in model)
-    if missing:
-        raise ExportError(f"config lacks the keys {missing} needed to build the model")
-    return ModelConfig.from_dict(model)
-
-
-def _hf_key(name: str) -> str:
-    for ours, theirs in _KEY_PREFIXES:
-        if name.startswith(ours):
-            return theirs + name[len(ours):]
-    raise ExportError(f"state_dict key {name!r}: no Hugging Face name (expected a key under "
-                      f"{', '.join(p for p, _ in _KEY_PREFIXES)})")
-
-
-def _mhmoe_key(name: str) -> str:
-    for ours, theirs in _KEY_PREFIXES:
-        if name.startswith(theirs):
-            return ours + name[len(theirs):]
-    raise ExportError(f"weight {name!r}: not an MHMoEForCausalLM weight (expected a key under "
-                      f"{', '.join(t for _, t in _KEY_PREFIXES)})")
-
-
-def hf_state_dict(model: torch.nn.Module, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` of a TransformerLM under Hugging Face names, CPU, contiguous.
-
-    Floating tensors are cast to ``dtype`` (None keeps theirs).
-    """
-    target = None if dtype is None else resolve_dtype(dtype)
-    out = {}
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu")
-        if target is not None and t.is_floating_point():
-            t = t.to(target)
-        out[_hf_key(name)] = t.contiguous().clone()
-    return out
-
-
-def mhmoe_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``hf_state_dict``: Hugging Face names back to TransformerLM names."""
-    return {_mhmoe_key(name): t for name, t in tensors.items()}
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +152,8 @@ def _tokenizer_files(tokenizer: Any, model_config: ModelConfig) -> tuple[str, di
         "eos_token": EOT_TOKEN,
         "pad_token": EOT_TOKEN,
         "unk_token": None,
+        # No BOS, as `mhmoe generate` (the same prompt gives the same ids) and as lm-eval
+        # expects: it conditions rolling log-likelihoods on <|endoftext|> itself (prefix token).
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -316,6 +247,7 @@ def export_model(
         "pad_token_id": eot_id,
         "_from_model_config": False,
     }
+    remote_code = remote_code_files()
     tensors = hf_state_dict(model, stored_dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +265,8 @@ def export_model(
         _write_bytes(tmp / TOKENIZER_FILE, tokenizer_json.encode("utf-8"))
         _write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config)
         _write_json(tmp / GENERATION_CONFIG_FILE, generation_config)
+        for name, source in remote_code.items():
+            _write_bytes(tmp / name, source.encode("utf-8"))
         fsync_directory(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
         _publish(tmp, out)

@@ -19,19 +19,49 @@ it reproduces ``TransformerLM.forward`` bit for bit.
 
 Loss (``labels`` given): next-token cross-entropy in float32, labels shifted inside, -100
 ignored, averaged over the counted tokens (or divided by ``num_items_in_batch`` when the
-Trainer passes it); plus the model's auxiliary loss ``w_lb * mean_l L_lb + w_z * mean_l L_z``
-(the training objective of ``mhmoe.training``) whenever routing outputs are on: by default in
-training mode, or with ``output_router_logits=True``.
+Trainer passes it); plus the model's auxiliary loss ``aux_loss`` = ``w_lb * mean_l L_lb +
+w_z * mean_l L_z + w_seq * mean_l L_seq`` (``TransformerLM.aux_loss``, the training objective
+of ``mhmoe.training``; w_lb = ``router_aux_loss_coef`` = ``load_balancing_weight``) when the
+routing outputs are on. The rule of Mixtral / Qwen3-MoE: routing outputs, and so the aux loss,
+only with ``output_router_logits=True`` (the argument, else ``config.output_router_logits``),
+in training and eval mode alike. Unlike those models ``aux_loss`` is already weighted (it
+combines up to three terms, each with its own weight), so ``loss = lm_loss + aux_loss``.
 
-Routing outputs (``output_router_logits=True``): one entry per MoE layer, in block order:
-``router_logits`` (B, T, H, E) float32, ``expert_ids`` (B, T, H, K), ``tokens_per_expert``
-(E,) (assignments before capacity dropping, padding tokens included), and ``aux_loss``.
+Routing outputs (``output_router_logits=True``):
+
+* ``router_logits``: the layout of transformers' MoE models, so that
+  ``transformers.models.mixtral.modeling_mixtral.load_balancing_loss_func(out.router_logits,
+  E, K, attention_mask)`` works: a tuple of ``num_moe_layers * H`` float32 tensors of shape
+  (B*T, E), entry ``l * H + h`` holding head h's sub-tokens of MoE layer l (token-major rows, the
+  same rows as the attention mask). That function then treats every sub-token as a token;
+  it is transformers' formula (one f_i, P_i over all layers), not mhmoe's training loss
+  (``aux_loss``: the mean over layers of each layer's loss, with capacity and balancing mode);
+* ``expert_ids`` (B, T, H, K) and ``tokens_per_expert`` (E,) (assignments before capacity
+  dropping, padding tokens included): one entry per MoE layer, in block order;
+* ``aux_loss`` (above).
+
+Gradient (activation) checkpointing: ``model.gradient_checkpointing_enable()`` (or
+``TrainingArguments(gradient_checkpointing=True)``) recomputes each block in the backward pass
+(``torch.utils.checkpoint``, non-reentrant; the KV cache is off meanwhile); logits, losses and
+gradients are those of the plain forward. ``every_n_layers`` is not supported (every block).
+
+Generation: ``generate`` keeps prompt + new tokens within ``max_position_embeddings``: a longer
+request is clamped to the context, with a warning naming ``max_new_tokens`` and the context.
+
+PEFT: LoRA on the ``nn.Linear`` layers works through their module calls; LoRA on parameters
+(``target_parameters``: the router weight, the stacked ``experts.w1/w3/w2``) through
+``parameter_adapters_active``, which puts the wrapped modules back, adapted, for the forward
+pass (``mhmoe.hf.peft``: the default targets, and a merge that refuses BitNet models).
+
+An export folder carries a copy of this module as ``modeling_mhmoe.py`` (``mhmoe.hf.remote_code``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,14 +70,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+)
 
-from mhmoe.decoding import decoder_forward
+from mhmoe.bitnet.convert import bitnet_modules
+from mhmoe.config import ModelConfig
+from mhmoe.decoding import DecoderOutput, decoder_forward
 from mhmoe.hf.configuration import MHMoEConfig
-from mhmoe.hf.export import MODEL_TYPE, WEIGHTS_FILE, hf_state_dict, mhmoe_state_dict
+from mhmoe.hf.naming import MODEL_TYPE, WEIGHTS_FILE, hf_state_dict, mhmoe_state_dict
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.mh_moe import MHMoE
 from mhmoe.layers.routing import TopKRouter
@@ -58,6 +98,8 @@ logger = logging.getLogger(__name__)
 
 # transformers renamed the cache argument/field from `past_key_values` to `cache` during 5.x.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The final norm of a block-by-block checkpointed forward (applied once, after the last block).
+_IDENTITY = nn.Identity()
 
 
 @dataclass
@@ -106,6 +148,17 @@ def causal_lm_loss(
     return total / count
 
 
+def _model_config(config: MHMoEConfig) -> ModelConfig:
+    """The ModelConfig of ``config``, built by this module's own MHMoEConfig class.
+
+    In an export's remote code, transformers imports configuration_mhmoe.py twice (once for
+    AutoConfig, once with modeling_mhmoe.py, in folders named by different hashes), so the
+    config object's own ``to_model_config`` would build dataclasses of the other copy of
+    mhmoe_config.py, which this copy's TransformerLM does not accept.
+    """
+    return MHMoEConfig.to_model_config(config)
+
+
 def _aux_loss(config: MHMoEConfig, moe_aux: list, like: torch.Tensor) -> torch.Tensor:
     # The very function of TransformerLM.
     # The weights from self.config and, for which balancing loss applies, moe_ffn's
@@ -126,7 +179,7 @@ class MHMoEPreTrainedModel(PreTrainedModel):
     config: MHMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _supports_sdpa = True
     _supports_flash_attn = False
@@ -196,7 +249,114 @@ class MHMoEPreTrainedModel(PreTrainedModel):
                     f"export a run with `mhmoe export RUN_DIR {folder}`"
                 )
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        _own_aligned_memory(model)
+        return model
+
+
+# The alignment of the CPU allocator; the kernels' vector paths assume it.
+_ALIGNMENT_BYTES = 64
+
+
+@torch.no_grad()
+def _own_aligned_memory(model: nn.Module) -> None:
+    """Give tensors that still point into the memory-mapped safetensors file memory of their own.
+
+    A tensor of the file is aligned to 8 bytes only; on CPU, matmul kernels then take other
+    vector paths and round differently (1 ulp in the logits, measured for an MH-MoE h=3 export),
+    so the loaded model would not reproduce ``load_run``'s logits bit for bit. Copies only the
+    misaligned tensors, one at a time; tied parameters stay tied (one Parameter object).
+    """
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT_BYTES:
+                    tensor.data = tensor.data.clone()
+
+
+def _is_parameter_adapter(module: nn.Module | None) -> bool:
+    """Whether ``module`` is PEFT's wrapper of a module's parameter (LoRA ``target_parameters``:
+    ``peft.tuners.lora.ParamWrapper``), which applies the adapter only inside its own forward."""
+    # Class and instance dicts only: nn.Module.__getattr__ (raising for absent names) is slow, and
+    # this runs over every module at every forward.
+    return (module is not None and hasattr(type(module), "_activate_lora")
+            and "parameter_name" in module.__dict__ and "base_layer" in module._modules)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """``module`` without PEFT parameter wrappers (the mhmoe module they wrap)."""
+    while _is_parameter_adapter(module):
+        module = module.base_layer
+    return module
+
+
+@contextlib.contextmanager
+def parameter_adapters_active(root: nn.Module) -> Iterator[None]:
+    """Within: every PEFT parameter wrapper under ``root`` replaced by the mhmoe module it wraps,
+    with its LoRA delta applied to that module's parameter (PEFT's own parametrisation).
+
+    The MoE dispatch reads the experts' and router's attributes and calls their methods
+    (``forward_one``, ``num_experts``, the stacked weights of the grouped and blocked paths),
+    which a ``ParamWrapper`` does not have; so, as PEFT does inside the wrapper's forward, the
+    adapted weight W + dW is put on the module itself, for the whole forward pass. Adapters that
+    are disabled or merged add nothing. The wrappers are back in place on exit.
+    """
+    with contextlib.ExitStack() as stack:
+        swapped = []
+        for parent in list(root.modules()):
+            if _is_parameter_adapter(parent):  # a nested wrapper: handled with its outermost one
+                continue
+            for name, child in list(parent._modules.items()):
+                if not _is_parameter_adapter(child):
+                    continue
+                wrapper = child
+                while _is_parameter_adapter(wrapper):  # one wrapper per parameter (w1, w3, w2): nested
+                    if not wrapper.disable_adapters and not wrapper.merged:
+                        stack.enter_context(wrapper._activate_lora(wrapper.active_adapters))
+                    wrapper = wrapper.base_layer
+                parent._modules[name] = wrapper
+                swapped.append((parent, name, child))
+        try:
+            yield
+        finally:
+            for parent, name, child in swapped:
+                parent._modules[name] = child
+
+
+def _warn_if_lora_on_bitnet(model: "MHMoEModel") -> None:
+    """Warn (once per model) when PEFT adapters sit on BitNet modules: merging them is not exact."""
+    modules = dict(model.named_modules())
+    quantised = {id(modules[name]) for name in bitnet_modules(model)}
+    adapted = []
+    for name, module in model.named_modules():
+        base = module
+        while isinstance(getattr(base, "base_layer", None), nn.Module):
+            base = base.base_layer
+        if base is not module and id(base) in quantised and hasattr(module, "lora_A"):
+            adapted.append(name)
+    if adapted:
+        model._warned_lora_on_bitnet = True
+        logger.warning(
+            "LoRA adapters on BitNet modules (%s%s): do not call merge_and_unload(), it folds the "
+            "full-precision delta into the latent weights, which are then re-quantised, and silently "
+            "changes the model; keep the adapters unmerged (mhmoe.hf.peft.merge_lora refuses)",
+            ", ".join(adapted[:3]), ", ..." if len(adapted) > 3 else "")
+
+
+def _peft_attached(model: nn.Module) -> bool:
+    """Whether PEFT adapters were put on ``model``: PEFT sets ``peft_config`` on the model it
+    tunes (``get_peft_model``), transformers' integration ``_hf_peft_config_loaded``
+    (``add_adapter`` / ``load_adapter``). Cheap, unlike a walk over the modules."""
+    return "peft_config" in model.__dict__ or bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def _block_forward(
+    x_BTD: torch.Tensor, block: nn.Module, rotary: nn.Module, adapters: bool, **kwargs: Any
+) -> DecoderOutput:
+    """``decoder_forward`` over one block (the unit of gradient checkpointing); its PEFT adapters
+    are activated inside, so that the backward pass's recompute sees them too."""
+    with parameter_adapters_active(block) if adapters else contextlib.nullcontext():
+        return decoder_forward(x_BTD, [block], _IDENTITY, rotary, **kwargs)
 
 
 def _take_cache(cache: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
@@ -219,7 +379,7 @@ class MHMoEModel(MHMoEPreTrainedModel):
     def __init__(self, config: MHMoEConfig, lm: TransformerLM | None = None) -> None:
         super().__init__(config)
         if lm is None:
-            lm = TransformerLM(config.to_model_config())
+            lm = TransformerLM(_model_config(config))
         known = {"embed", "rotary", "blocks", "final_norm", "lm_head"}
         unknown = sorted(name for name, _ in lm.named_children() if name not in known)
         if unknown:
@@ -230,6 +390,9 @@ class MHMoEModel(MHMoEPreTrainedModel):
         self.layers = lm.blocks
         self.norm = lm.final_norm
         self.rotary = lm.rotary
+        # Set by transformers' gradient_checkpointing_enable, with _gradient_checkpointing_func.
+        self.gradient_checkpointing = False
+        self._warned_lora_on_bitnet = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -250,17 +413,31 @@ class MHMoEModel(MHMoEPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        parameter_adapters: bool | None = None,
         **kwargs: Any,
     ) -> MHMoEModelOutputWithPast | tuple:
-        """Hidden states after the final norm; see the module docstring for the options."""
+        """Hidden states after the final norm; see the module docstring for the options.
+
+        ``parameter_adapters``: whether PEFT adapters may be attached (then the forward looks
+        for parameter wrappers, ``parameter_adapters_active``); None: PEFT's marker on this model.
+        """
         cache = _take_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        adapters = _peft_attached(self) if parameter_adapters is None else parameter_adapters
+        if adapters and self.config.bitnet is not None and not self._warned_lora_on_bitnet:
+            _warn_if_lora_on_bitnet(self)
         if output_attentions:
             raise ValueError("output_attentions=True is not supported: mhmoe attention runs through SDPA")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if output_router_logits is None:
-            output_router_logits = bool(self.config.output_router_logits) or self.training
+            output_router_logits = bool(self.config.output_router_logits)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and (use_cache or cache is not None):
+            if use_cache:
+                logger.warning_once("gradient checkpointing recomputes every block: use_cache=True is "
+                                    "ignored while training (the KV cache is off)")
+            use_cache, cache = False, None
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)
         if return_dict is None:
@@ -279,14 +456,19 @@ class MHMoEModel(MHMoEPreTrainedModel):
         if output_router_logits:
             for block in self.layers:
                 if block.is_moe:
-                    handles.append(block.ffn.router.register_forward_hook(
+                    handles.append(_unwrapped(block.ffn.router).register_forward_hook(
                         lambda _m, _i, out: router_logits.append(out.logits_NE)))
         try:
-            out = decoder_forward(
-                inputs_embeds, self.layers, self.norm, self.rotary,
-                attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                output_hidden_states=output_hidden_states,
-            )
+            if checkpointing:
+                out = self._checkpointed_forward(inputs_embeds, attention_mask, position_ids, output_hidden_states,
+                                                 adapters)
+            else:
+                with parameter_adapters_active(self.layers) if adapters else contextlib.nullcontext():
+                    out = decoder_forward(
+                        inputs_embeds, self.layers, self.norm, self.rotary,
+                        attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                        output_hidden_states=output_hidden_states,
+                    )
         finally:
             for handle in handles:
                 handle.remove()
@@ -295,11 +477,13 @@ class MHMoEModel(MHMoEPreTrainedModel):
         routing: dict[str, Any] = {}
         if output_router_logits:
             moe_blocks = [b for b in self.layers if b.is_moe]
-            # (B*T*H, E) -> (B, T, H, E); (B*T*H, K) -> (B, T, H, K); sub-tokens are token-major.
+            # (B*T*H, E) -> (B*T, H, E) (sub-tokens are token-major) -> H tensors (B*T, E).
             routing = {
                 "aux_loss": _aux_loss(self.config, out.moe_aux, out.hidden_BTD),
                 "router_logits": tuple(
-                    logits.view(batch, seq_len, b.ffn.num_heads, -1) for logits, b in zip(router_logits, moe_blocks)
+                    head_logits
+                    for logits, b in zip(router_logits, moe_blocks)
+                    for head_logits in logits.view(batch * seq_len, b.ffn.num_heads, -1).unbind(1)
                 ),
                 "expert_ids": tuple(
                     a.expert_ids.view(batch, seq_len, a.num_heads, -1) for a in out.moe_aux
@@ -315,6 +499,36 @@ class MHMoEModel(MHMoEPreTrainedModel):
         return result if return_dict else result.to_tuple()
 
 
+    def _checkpointed_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        output_hidden_states: bool,
+        adapters: bool,
+    ) -> DecoderOutput:
+        """``decoder_forward`` one block at a time, each under the checkpoint function (no cache).
+
+        The same operations in the same order as the whole-stack call, so the outputs are equal.
+        """
+        checkpoint = self._gradient_checkpointing_func
+        if getattr(checkpoint, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(
+                "gradient_checkpointing_kwargs use_reentrant=True: not supported, the MoE auxiliary "
+                "losses would lose their gradients; use the default use_reentrant=False"
+            )
+        hidden: list[torch.Tensor] | None = [inputs_embeds] if output_hidden_states else None
+        moe_aux = []
+        x_BTD = inputs_embeds
+        for block in self.layers:
+            out = checkpoint(_block_forward, x_BTD, block, self.rotary, adapters,
+                             attention_mask=attention_mask, position_ids=position_ids)
+            x_BTD = out.hidden_BTD
+            moe_aux.extend(out.moe_aux)
+            if hidden is not None:
+                hidden.append(x_BTD)
+        return DecoderOutput(self.norm(x_BTD), moe_aux, tuple(hidden) if hidden is not None else None)
+
 class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
     """mhmoe's TransformerLM as a transformers causal LM (``generate``, Trainer, lm-eval)."""
 
@@ -322,7 +536,7 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MHMoEConfig) -> None:
         super().__init__(config)
-        lm = TransformerLM(config.to_model_config())
+        lm = TransformerLM(_model_config(config))
         self.model = MHMoEModel(config, lm)
         self.vocab_size = config.vocab_size
         # Untied: the LM's own head (BitNet-converted if the options say so). Tied: a Linear that
@@ -369,7 +583,7 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         if output_router_logits is None:
-            output_router_logits = bool(self.config.output_router_logits) or self.training
+            output_router_logits = bool(self.config.output_router_logits)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -381,6 +595,7 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
+            parameter_adapters=_peft_attached(self) or _peft_attached(self.model),
         )
         hidden_BTD = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -390,8 +605,12 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
                 hidden_BTD = hidden_BTD[:, -logits_to_keep:]
         else:
             hidden_BTD = hidden_BTD[:, logits_to_keep]
-        # As TransformerLM.forward: F.linear with the head weight (never a quantised head call).
-        logits_BTV = F.linear(hidden_BTD, self.lm_head.weight)
+        # As TransformerLM.forward: F.linear with the head weight (never a quantised head call);
+        # a head adapted by PEFT (LoRA on lm_head) through its module call, which adds the delta.
+        if hasattr(self.lm_head, "base_layer"):
+            logits_BTV = self.lm_head(hidden_BTD)
+        else:
+            logits_BTV = F.linear(hidden_BTD, self.lm_head.weight)
 
         loss = None
         if labels is not None:
@@ -415,6 +634,47 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
         )
         return result if return_dict else result.to_tuple()
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any):
+        """``GenerationMixin.generate`` with prompt + new tokens kept within the context.
+
+        A request for more (``max_new_tokens``, or ``max_length``, from the arguments, the
+        ``generation_config`` passed or the model's) is clamped to ``max_position_embeddings``
+        with a warning; a prompt that already fills the context raises ValueError.
+        """
+        context = int(self.config.max_position_embeddings)
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is None and kwargs.get("inputs_embeds") is not None:
+            prompt = kwargs["inputs_embeds"]
+        prompt_len = int(prompt.shape[1]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 0
+        configs = [c for c in (generation_config, self.generation_config) if c is not None]
+
+        def requested(name: str) -> int | None:
+            if kwargs.get(name) is not None:
+                return int(kwargs[name])
+            for config in configs:
+                if getattr(config, name, None) is not None:
+                    return int(getattr(config, name))
+            return None
+
+        if prompt_len >= context:
+            raise ValueError(f"the prompt has {prompt_len} tokens: it must be shorter than the context "
+                             f"length max_position_embeddings={context} to generate")
+        new_tokens = requested("max_new_tokens")
+        if new_tokens is not None and prompt_len + new_tokens > context:
+            logger.warning(
+                "max_new_tokens=%d with a %d-token prompt exceeds the context length "
+                "max_position_embeddings=%d: generating at most %d new tokens",
+                new_tokens, prompt_len, context, context - prompt_len)
+            kwargs["max_new_tokens"] = context - prompt_len
+        elif new_tokens is None:
+            max_length = requested("max_length")
+            if max_length is not None and max_length > context:
+                logger.warning("max_length=%d exceeds the context length max_position_embeddings=%d: "
+                               "clamped to %d (pass max_new_tokens to set the new tokens)",
+                               max_length, context, context)
+                kwargs["max_length"] = context
+        return super().generate(inputs, generation_config, **kwargs)
+
     # -- conversions to and from mhmoe ----------------------------------------------------------
 
     @classmethod
@@ -433,7 +693,7 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
 
     def to_mhmoe(self) -> TransformerLM:
         """A TransformerLM (mhmoe's own model) with a copy of these weights."""
-        lm = TransformerLM(self.config.to_model_config())
+        lm = TransformerLM(_model_config(self.config))
         tensors = mhmoe_state_dict(self.state_dict())
         if self.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
@@ -448,5 +708,7 @@ def register_auto_classes() -> None:
     logger.debug("registered model_type %r with transformers' Auto classes", MODEL_TYPE)
 
 
-# Importing this module is enough to use the Auto classes.
-register_auto_classes()
+# Importing this module is enough to use the Auto classes (not as the copy inside an export
+# folder, which transformers loads through config.json's auto_map; see mhmoe.hf.configuration).
+if __name__ == "mhmoe.hf.modeling":
+    register_auto_classes()

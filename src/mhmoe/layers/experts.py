@@ -69,7 +69,9 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
     try:
         # enable_grad: the probe runs a backward even when the first caller is in no_grad.
-        with torch.enable_grad():
+        # Identity saved-tensor hooks: the probe's tensors stay out of an enclosing activation
+        # checkpoint, whose recompute (the cache answering at once) would save fewer tensors.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError, TypeError):
         return False

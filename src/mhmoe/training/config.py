@@ -89,6 +89,7 @@ class TrainConfig:
     max_skipped_steps: int = 5
     save_minutes: float | None = DEFAULT_SAVE_MINUTES
     progress_seconds: float | None = 60.0
+    activation_checkpointing: bool = False  # TransformerLM.activation_checkpointing while training
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_fractions, list):

@@ -185,6 +185,8 @@ def _train_loop(
     torch.set_num_threads(threads)
     logger.info("device %s, %s, %d torch threads (%d cores)", device,
                 "fp32" if autocast_dtype is None else f"{autocast_dtype} autocast", threads, available_cores())
+    # --activation-checkpointing: TransformerLM.forward recomputes each block in the backward.
+    model.activation_checkpointing = config.activation_checkpointing
     parallel = distributed.parallelize(model, context)  # a single process: only model.to(device)
     model = parallel.model
     model.train()

@@ -129,6 +129,7 @@ class RunOptions:
     precision: str = "auto"
     threads: int | None = None
     max_skipped_steps: int = 5
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
     allow_unchecked_state: bool = False  # accept checkpoints whose state.json lacks its checksum
     progress_every: float | None = None  # seconds between progress log lines off a terminal (0: off)
     quiet: bool = False
@@ -206,6 +207,7 @@ def train_config_for(options: RunOptions, preset: Any) -> TrainConfig:
         precision=options.precision,
         threads=options.threads,
         max_skipped_steps=options.max_skipped_steps,
+        activation_checkpointing=options.activation_checkpointing,
     )
 
 

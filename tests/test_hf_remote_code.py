@@ -1,0 +1,290 @@
+"""Export folders as other tools see them: loaded with ``trust_remote_code=True`` in a Python that
+cannot import mhmoe, and by the stock ``lm_eval`` command (issue 14).
+
+The subprocesses run ``python -I`` (no PYTHONPATH, no user site, no script folder) and drop every
+``sys.path`` entry holding an ``mhmoe`` package (the editable install's .pth adds ``src/``), then
+assert that ``import mhmoe`` fails before loading anything.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mhmoe.cli import main
+from mhmoe.config import BitNetConfig, DenseConfig, ModelConfig, MoEConfig
+from mhmoe.decoding import generate_tokens
+from mhmoe.hf.export import export_model
+from mhmoe.hf.remote_code import AUTO_MAP, RemoteCodeError, _generate, remote_code_files
+from mhmoe.model import TransformerLM
+from mhmoe.runs.checkpoint import load_run
+
+pytest.importorskip("transformers")
+
+WORDS = "the sea is calm and blue ships sail over waves under a bright sky while birds fly home".split()
+PROMPT = "The sea is calm and"
+NEW_TOKENS = 8
+
+# Run first in every subprocess: mhmoe must be unreachable.
+ISOLATE = textwrap.dedent("""\
+    import os, sys
+    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "mhmoe"))]
+    try:
+        import mhmoe
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"mhmoe is importable from {mhmoe.__file__}: the isolation failed")
+    """)
+
+
+def _text(lines: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n".join(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))).capitalize() + "."
+        for _ in range(lines)
+    ) + "\n"
+
+
+def _without_imports(source: str) -> list[str]:
+    """The lines of ``source`` outside its import statements."""
+    lines = source.splitlines()
+    drop = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            drop.update(range(node.lineno - 1, node.end_lineno))
+    return [line for index, line in enumerate(lines) if index not in drop]
+
+
+def run_isolated(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(cwd / "hf-home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-I", "-c", ISOLATE + code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("remote")
+    (root / "data.txt").write_text(_text(300), encoding="utf-8")
+    threads = torch.get_num_threads()
+    try:
+        code = main(["train", "--preset", "tiny", "--variant", "mhmoe_h2", "--max-steps", "2",
+                     "--data", str(root / "data.txt"), "--out", str(root / "run"), "--quiet", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return root / "run"
+
+
+def _variants(vocab_size: int) -> dict[str, ModelConfig]:
+    def model(moe: MoEConfig | None, **extra) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, d_model=48, num_layers=2, num_attention_heads=2, max_seq_len=32,
+                           dense_ffn=DenseConfig(48, 96), moe_ffn=moe, moe_every=1, **extra)
+
+    return {
+        "dense": model(None),
+        "smoe_shared_expert": model(MoEConfig(48, num_experts=4, top_k=2, d_expert=24, shared_d_ff=32)),
+        "fine_grained_tied": model(MoEConfig(48, num_experts=8, top_k=4, d_expert=12), tie_embeddings=True),
+        "mhmoe_h3_shared_aux_free": model(MoEConfig(48, num_experts=4, top_k=2, d_expert=16, num_heads=3,
+                                                    shared_d_ff=24, load_balancing="aux-free")),
+        "bitnet_mhmoe_h2": model(MoEConfig(48, num_experts=4, top_k=2, d_expert=24, num_heads=2),
+                                 bitnet=BitNetConfig(quantize_router=True)),
+    }
+
+
+@pytest.fixture(scope="module")
+def exports(run_dir) -> tuple[Path, dict[str, dict]]:
+    """Folders of the run and of every variant, with their reference logits and greedy tokens."""
+    root = run_dir.parent / "exports"
+    root.mkdir()
+    model, tokenizer, _ = load_run(run_dir)
+    assert main(["export", str(run_dir), str(root / "run")]) == 0
+    models = {"run": model}
+    torch.manual_seed(0)
+    for name, config in _variants(model.config.vocab_size).items():
+        lm = TransformerLM(config)
+        with torch.no_grad():  # non-trivial buffers (the aux-free selection bias)
+            for buffer in lm.buffers():
+                buffer.copy_(torch.linspace(-0.05, 0.05, buffer.numel()).view_as(buffer))
+        export_model(lm.eval(), tokenizer, root / name)
+        models[name] = lm
+    prompt = tokenizer.encode(PROMPT)  # as `mhmoe generate` and the exported tokenizer: no BOS
+    references = {}
+    for name, lm in models.items():
+        lm.eval()
+        with torch.no_grad():
+            logits = lm(torch.tensor([prompt])).logits
+        greedy = list(generate_tokens(lm, prompt, NEW_TOKENS, temperature=0, eos_id=tokenizer.eot_id))
+        references[name] = {"logits": logits, "greedy": greedy, "prompt": prompt}
+    return root, references
+
+
+def test_generated_modeling_code_equals_the_package_source(exports):
+    root, _ = exports
+    files = remote_code_files()
+    assert {"configuration_mhmoe.py", "modeling_mhmoe.py", "mhmoe_model.py", "mhmoe_layers_moe.py"} <= set(files)
+    for folder in (root / "run", root / "bitnet_mhmoe_h2"):
+        written = {p.name: p.read_text(encoding="utf-8") for p in folder.glob("*.py")}
+        assert written == files  # no drift: the folder holds exactly what the package generates now
+        config = json.loads((folder / "config.json").read_text())
+        assert config["auto_map"] == AUTO_MAP
+    # Each file is its package module with only the mhmoe imports rewritten.
+    package = Path(__import__("mhmoe").__file__).parent
+    for name, source in files.items():
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 1 or not (node.module or "").startswith("mhmoe"), (name, node.module)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "mhmoe" for a in node.names), name
+        origin = source.splitlines()[0].split("Generated from mhmoe/")[1].split(" ")[0]
+        original = (package / origin).read_text(encoding="utf-8")
+        assert _without_imports("".join(source.splitlines(keepends=True)[2:])) == _without_imports(original), name
+    # Heavy parts of the package stay out of the folder (data, runs, training, CLI).
+    assert not [n for n in files if n.startswith(("mhmoe_data", "mhmoe_runs", "mhmoe_training", "mhmoe_cli"))]
+
+
+@pytest.mark.parametrize(("source", "rule"), [
+    ("from mhmoe import MoEConfig\n", r"from mhmoe import MoEConfig.*package's __init__"),
+    ("import mhmoe.model\n", r"import mhmoe.model.*'import mhmoe.x.y as z'"),
+    ("from .model import TransformerLM\n", r"relative import 'from .model import"),
+    ("x = 1; from mhmoe.model import TransformerLM\n", r"put the mhmoe import on lines of its own"),
+])
+def test_unsupported_import_forms_are_refused(tmp_path, monkeypatch, source, rule):
+    probe = tmp_path / "probe.py"
+    probe.write_text(source)
+    monkeypatch.setattr("mhmoe.hf.remote_code._source_path", lambda module: probe)
+    monkeypatch.setattr("mhmoe.hf.remote_code._package_root", lambda: tmp_path)
+    with pytest.raises(RemoteCodeError, match=rule):
+        _generate("mhmoe.probe")
+
+
+def test_every_variant_loads_without_mhmoe_with_identical_logits(exports):
+    root, references = exports
+    code = textwrap.dedent(f"""
+        import json, torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+        root = {str(root)!r}
+        summary = {{}}
+        for name in {sorted(references)!r}:
+            path = f"{{root}}/{{name}}"
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+            ids = tokenizer({PROMPT!r}, return_tensors="pt")
+            with torch.no_grad():
+                logits = model(input_ids=ids["input_ids"]).logits
+            out = model.generate(**ids, max_new_tokens={NEW_TOKENS}, do_sample=False)
+            save_file({{"logits": logits.contiguous()}}, f"{{root}}/{{name}}-logits.safetensors")
+            summary[name] = {{"class": type(model).__module__ + "." + type(model).__name__,
+                             "prompt": ids["input_ids"][0].tolist(),
+                             "greedy": out[0, ids["input_ids"].shape[1]:].tolist()}}
+        # A pipeline with its defaults (256 sampled new tokens, past the 32-token context).
+        generator = pipeline("text-generation", model=f"{{root}}/run", trust_remote_code=True)
+        summary["pipeline"] = generator("The sea")[0]["generated_text"]
+        import sys
+        summary["mhmoe_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "mhmoe")
+        print("SUMMARY" + json.dumps(summary))
+    """)
+    result = run_isolated(code, root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout.split("SUMMARY", 1)[1])
+    assert summary["mhmoe_modules"] == []
+    assert summary["pipeline"].startswith("The sea")
+    assert "max_new_tokens=256" in result.stderr and "max_position_embeddings=32" in result.stderr
+    for name, reference in references.items():
+        got = summary[name]
+        assert got["class"].startswith("transformers_modules.") and got["class"].endswith("MHMoEForCausalLM")
+        assert got["prompt"] == reference["prompt"], name
+        logits = load_file(str(root / f"{name}-logits.safetensors"))["logits"]
+        assert torch.equal(logits, reference["logits"]), (name, float((logits - reference["logits"]).abs().max()))
+        greedy = got["greedy"]
+        assert greedy[:len(reference["greedy"])] == reference["greedy"], name
+
+
+def test_stock_lm_eval_command_on_an_export(exports, run_dir):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs lm-eval[hf] (accelerate)")
+    script = Path(sys.executable).parent / "lm_eval"
+    if not script.is_file():
+        pytest.skip("the lm_eval console script is not installed next to this Python")
+    root, _ = exports
+    docs = ["The sea is calm.", "Birds fly home under a bright sky.", "Ships sail over waves and the sea is blue."]
+    work = root.parent / "lm-eval"
+    (work / "tasks").mkdir(parents=True)
+    data = work / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    (work / "tasks" / "tiny_text.yaml").write_text(textwrap.dedent(f"""\
+        task: mhmoe_tiny_text
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+          cache_dir: {work / "datasets"}
+        output_type: loglikelihood_rolling
+        test_split: test
+        doc_to_text: ""
+        doc_to_target: "{{{{text}}}}"
+        metric_list:
+          - metric: word_perplexity
+          - metric: bits_per_byte
+        metadata:
+          version: 1.0
+        """))
+    argv = ["lm_eval", "--model", "hf", "--model_args",
+            f"pretrained={root / 'run'},trust_remote_code=True,dtype=float32",
+            "--tasks", "mhmoe_tiny_text", "--include_path", str(work / "tasks"), "--device", "cpu",
+            "--batch_size", "1", "--output_path", str(work / "out")]
+    code = f"\nimport runpy\nsys.argv = {argv!r}\nrunpy.run_path({str(script)!r}, run_name='__main__')\n"
+    result = run_isolated(code, work, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [results_file] = (work / "out").rglob("results_*.json")
+    metrics = json.loads(results_file.read_text())["results"]["mhmoe_tiny_text"]
+    # The same numbers by hand with mhmoe's own model: each document conditioned on <|endoftext|>.
+    model, tokenizer, _ = load_run(run_dir)
+    total_ll, words, num_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for doc in docs:
+            ids = [tokenizer.eot_id, *tokenizer.encode(doc)]
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+            total_ll += float(logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum())
+            words += len(doc.split())
+            num_bytes += len(doc.encode("utf-8"))
+    assert metrics["bits_per_byte,none"] == pytest.approx(-total_ll / num_bytes / math.log(2), rel=1e-4)
+    assert metrics["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
+
+
+def test_ternary_export_refuses_transformers_with_one_clear_line(run_dir, tmp_path):
+    """A --ternary folder is mhmoe's packed format, not a transformers folder: loading it with
+    transformers fails with one line that says what to do instead."""
+    bitnet_run = tmp_path / "bitnet-run"
+    (tmp_path / "data.txt").write_text(_text(300), encoding="utf-8")
+    assert main(["train", "--preset", "tiny", "--variant", "mhmoe_h2", "--bitnet", "--max-steps", "1",
+                 "--data", str(tmp_path / "data.txt"), "--out", str(bitnet_run), "--quiet", "--threads", "1"]) == 0
+    out = tmp_path / "ternary"
+    assert main(["export", str(bitnet_run), str(out), "--ternary"]) == 0
+    code = textwrap.dedent(f"""
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        except Exception as err:
+            print("ERROR " + type(err).__name__ + ": " + str(err))
+    """)
+    result = run_isolated(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = result.stdout.split("ERROR ", 1)[1].strip()
+    assert "\n" not in line
+    assert "packed ternary" in line and "export without --ternary" in line
