@@ -21,6 +21,7 @@ Nothing here imports ``transformers``: ``mhmoe generate`` uses it on a run direc
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -73,6 +74,28 @@ class DecoderOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings, then every block's output
 
 
+_ROTARY_TABLES: weakref.WeakKeyDictionary[RotaryEmbedding, dict[tuple, tuple[torch.Tensor, torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _full_rotary_tables(rotary: RotaryEmbedding, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary(max_seq_len)``, computed once per module, device and settings.
+
+    Row t of the tables depends on t alone (an outer product, then cos/sin element-wise), so
+    rows of the full tables equal those of ``rotary(end)`` bit for bit: a decoding step slices
+    them instead of recomputing every position up to ``end`` (what it did before, per step).
+    """
+    key = (str(device), rotary.head_size, rotary.max_seq_len, rotary.base)
+    per_module = _ROTARY_TABLES.setdefault(rotary, {})
+    tables = per_module.get(key)
+    if tables is None:
+        tables = rotary(rotary.max_seq_len, device)
+        per_module.clear()
+        per_module[key] = tables
+    return tables
+
+
 def _rotary_tables(
     rotary: RotaryEmbedding, past: int, seq_len: int, position_ids: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +108,8 @@ def _rotary_tables(
                 f"sequence of {end} tokens ({past} cached + {seq_len} new) exceeds the model's context "
                 f"max_position_embeddings={limit} (rotary positions are trained up to {limit - 1})"
             )
-        cos_TC, sin_TC = rotary(end, device)
-        return cos_TC[past:], sin_TC[past:]
+        cos_TC, sin_TC = _full_rotary_tables(rotary, device)
+        return cos_TC[past:end], sin_TC[past:end]
     if position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
     if position_ids.shape[-1] != seq_len:
@@ -97,7 +120,7 @@ def _rotary_tables(
             f"position ids span [{low}, {high}]: must lie in [0, {limit - 1}] "
             f"(max_position_embeddings={limit})"
         )
-    cos_TC, sin_TC = rotary(high + 1, device)
+    cos_TC, sin_TC = _full_rotary_tables(rotary, device)  # rows 0..high are rotary(high + 1)
     # (B, T) ids -> (B, T, C) -> (B, 1, T, C), broadcast over the heads
     return cos_TC[position_ids].unsqueeze(1), sin_TC[position_ids].unsqueeze(1)
 

@@ -63,6 +63,12 @@ gains: ``<linear>.norm.weight`` (I,), ``<experts>.input_norm.weight`` (S,) and
 ``<experts>.hidden_norm.weight`` (F,). A full-precision checkpoint therefore loads into a BitNet
 model with ``strict=False`` (missing: exactly those gains, which start at 1).
 
+Inference (eval mode, no autograd needed): every quantised matmul runs on integer kernels
+(``mhmoe.bitnet.integer``): the int8 activation codes times the ternary codes, summed exactly in
+int32, then times gamma / s ([BitNet] Eq. 11) -- the same value as the float expression above up
+to float rounding. The integer weights are built once per module (and rebuilt after an
+optimiser step); ``integer_inference(False)`` restores the float math (the tests' reference).
+
 Two-stage schedule [FAQ]: ``two_stage_schedule`` (module end).
 """
 
@@ -75,6 +81,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mhmoe.bitnet.integer import (
+    Int8Weight,
+    IntegerExpertWeights,
+    IntegerLinearWeight,
+    cached,
+    default_backend,
+    integer_linear,
+    use_integer_path,
+)
 from mhmoe.layers.experts import Experts, grouped_mm
 from mhmoe.layers.routing import RouterOutput, TopKRouter, route_logits
 
@@ -89,6 +104,8 @@ ACTIVATION_BITS = 8
 Q_MAX = 2 ** (ACTIVATION_BITS - 1) - 1  # 127
 Q_MIN = -(2 ** (ACTIVATION_BITS - 1))  # -128
 NORM_EPS = 1e-6
+INTEGER_CHUNK_ROWS = 1024
+"""Rows per chunk of the stacked experts' integer path (``_BitExpertsMath.integer_forward``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +183,20 @@ def activation_quant_codes(
     return codes, scale
 
 
+def activation_codes_for_inference(
+    x: torch.Tensor, eps: float = ACTIVATION_EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``activation_quant_codes`` with fewer passes over x, for the integer inference path.
+
+    The same values: max|x_j| by one infinity-norm reduction (no |x| temporary), and no clip,
+    which is a no-op here: |x_j| <= max|x| makes |s x_j| <= 127 up to one rounding of s, which
+    ``round`` takes back to 127 (and below eps, |s x_j| < 127).
+    """
+    x32 = x.detach().to(_compute_dtype(x))
+    scale = Q_MAX / torch.linalg.vector_norm(x32, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=eps)
+    return torch.mul(x32, scale).round_(), scale
+
+
 def activation_quant(x: torch.Tensor, eps: float = ACTIVATION_EPS) -> torch.Tensor:
     """Fake-quantised activations x_codes / s in x's dtype, with the straight-through gradient."""
     codes, scale = activation_quant_codes(x, eps)
@@ -205,19 +236,64 @@ def _quantize_input(x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class _BitLinearMath:
-    """y = (gamma W_q) actq(RMSNorm(x)) (+ bias): the forward shared by BitLinear/TernaryLinear."""
-
-    norm: nn.Module | None
-    bias: torch.Tensor | None
+class _TernaryMatrixMath:
+    """One ternary matrix (a linear layer's or a router's) and its cached integer form."""
 
     def quantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """(W_q (O, I) in {-1, 0, 1}, gamma ()) of the quantised weight."""
+        raise NotImplementedError
+
+    def integer_sources(self) -> tuple[torch.Tensor, ...]:  # pragma: no cover - abstract
+        """The tensors W_q derives from (the integer weights are rebuilt when they change)."""
+        raise NotImplementedError
+
+    def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """Tensors whose gradient, when required, keeps the layer on the float (autograd) path."""
+        return ()
+
+    def integer_weight(self) -> IntegerLinearWeight:
+        """W_q as int8 for the device's integer kernel, built once (``mhmoe.bitnet.integer``)."""
+        sources = self.integer_sources()
+        backend = default_backend(sources[0].device)
+
+        def build() -> IntegerLinearWeight:
+            codes_OI, gamma = self.ternary_codes()
+            return IntegerLinearWeight(Int8Weight(codes_OI, backend), gamma.detach().float().reshape(()))
+
+        return cached(self, "weight", sources, backend, build)
+
+
+class _BitLinearMath(_TernaryMatrixMath):
+    """y = (gamma W_q) actq(RMSNorm(x)) (+ bias): the forward shared by BitLinear/TernaryLinear.
+
+    In inference (``mhmoe.bitnet.integer.use_integer_path``) the same value comes from the
+    integer kernels: y = (x_codes @ W_q^T) * gamma / s ([BitNet] Eq. 11), W_q built once as int8.
+    """
+
+    norm: nn.Module | None
+    bias: torch.Tensor | None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_integer_path(self, x, *self.gradient_tensors()):
+            return self.integer_forward(x)
         x_q = _quantize_input(x, self.norm)
         w_q = self.quantized_weight()
         return F.linear(x_q, w_q.to(x_q.dtype), None if self.bias is None else self.bias.to(x_q.dtype))
+
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward through the integer kernels: float32 math, returned in x's dtype."""
+        x_in = self.norm(x) if self.norm is not None else x
+        codes, scale = activation_codes_for_inference(x_in)
+        in_features = codes.shape[-1]
+        integer = self.integer_weight()
+        # (..., I) -> (M, I): one row per token
+        y_MO = integer_linear(codes.reshape(-1, in_features), scale.reshape(-1, 1), integer.weight, integer.gamma)
+        if self.bias is not None:
+            y_MO = y_MO + self.bias.float()
+        return y_MO.reshape(*codes.shape[:-1], y_MO.shape[-1]).to(x.dtype)
 
 
 class BitLinear(_BitLinearMath, nn.Linear):
@@ -240,7 +316,7 @@ class BitLinear(_BitLinearMath, nn.Linear):
         self.norm = RMSNorm(in_features, device=device, dtype=dtype) if norm else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, norm: bool = True) -> "BitLinear":
+    def from_linear(cls, linear: nn.Linear, norm: bool = True) -> BitLinear:
         """A BitLinear sharing ``linear``'s weight (and bias) Parameters."""
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=False, norm=False)
@@ -256,6 +332,15 @@ class BitLinear(_BitLinearMath, nn.Linear):
         # [b1.58] Eq. 1-3: gamma = mean|W|, W_q = clip(round(W / (gamma + eps)), -1, 1).
         return weight_quant(self.weight)
 
+    def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight_quant_codes(self.weight)
+
+    def integer_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
+
+    def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.weight, self.bias, None if self.norm is None else self.norm.weight)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + ", bits=1.58, act_bits=8"
 
@@ -266,6 +351,11 @@ class _BitExpertsMath:
     SwiGLU: y = W2_q actq(N_h( silu(W1_q actq(N_i x)) * (W3_q actq(N_i x)) ))
     ReLU:   y = W2_q actq(N_h( relu(W1_q actq(N_i x)) ))
     with one absmean scale per expert per matrix and activation scales per row.
+
+    In inference (``mhmoe.bitnet.integer.use_integer_path``) every matmul is an integer one,
+    expert by expert over the experts that have rows ([BitNet] Eq. 11 per expert: the int32 sums
+    times gamma_e / s); the per-row element-wise steps (activation, hidden norm, hidden
+    quantisation) run once over all rows.
     """
 
     activation: str
@@ -276,6 +366,48 @@ class _BitExpertsMath:
     def quantized_weights(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def expert_codes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover - abstract
+        """Per weight name: (W_q (E, O, I) in {-1, 0, 1}, gamma (E,))."""
+        raise NotImplementedError
+
+    def quantized_expert_weights(self, expert: int) -> dict[str, torch.Tensor]:
+        """``quantized_weights()`` of one expert: (O, I) per weight name."""
+        return {k: w[expert] for k, w in self.quantized_weights().items()}
+
+    def integer_sources(self) -> tuple[torch.Tensor, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        norms = [n.weight for n in (self.input_norm, self.hidden_norm) if n is not None]
+        return tuple(norms)
+
+    def integer_weights(self) -> IntegerExpertWeights:
+        """The experts' ternary matrices as int8, per expert, built once."""
+        sources = self.integer_sources()
+        backend = default_backend(sources[0].device)
+
+        def build() -> IntegerExpertWeights:
+            codes = self.expert_codes()
+            w1_codes, gamma1_E = codes["w1"]
+            num_experts, d_hidden = w1_codes.shape[:2]
+            gamma1_EF = gamma1_E.float().reshape(-1, 1).expand(num_experts, d_hidden)
+            if self.activation == "swiglu":
+                w3_codes, gamma3_E = codes["w3"]
+                up_EGS = torch.cat([w1_codes, w3_codes], dim=1)  # 2 x (E, F, S) -> (E, 2F, S)
+                gamma3_EF = gamma3_E.float().reshape(-1, 1).expand(num_experts, d_hidden)
+                gamma_up_EG = torch.cat([gamma1_EF, gamma3_EF], dim=1)  # (E, 2F)
+            else:
+                up_EGS, gamma_up_EG = w1_codes, gamma1_EF
+            w2_codes, gamma2_E = codes["w2"]
+            return IntegerExpertWeights(
+                [Int8Weight(up_EGS[e], backend) for e in range(num_experts)],
+                gamma_up_EG.contiguous(),
+                [Int8Weight(w2_codes[e], backend) for e in range(num_experts)],
+                gamma2_E.detach().float().reshape(-1),
+            )
+
+        return cached(self, "experts", sources, backend, build)
+
     def _hidden(self, x_q: torch.Tensor, mm, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.activation == "swiglu":
             return F.silu(mm(x_q, weights["w1"])) * mm(x_q, weights["w3"])
@@ -284,6 +416,15 @@ class _BitExpertsMath:
     def forward(
         self, x_MS: torch.Tensor, offsets_E: torch.Tensor, counts_E: list[int] | None = None
     ) -> torch.Tensor:
+        if use_integer_path(self, x_MS, *self.gradient_tensors()):
+            if counts_E is None:
+                counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+            blocks, start = [], 0
+            for expert, count in enumerate(counts_E):
+                if count:
+                    blocks.append((expert, start, start + count))
+                start += count
+            return self.integer_forward(x_MS, blocks)
         weights = {k: w.to(x_MS.dtype) for k, w in self.quantized_weights().items()}
         mm = functools.partial(
             grouped_mm, offsets_E=offsets_E, counts_E=counts_E, use_grouped_mm=self.use_grouped_mm
@@ -292,9 +433,66 @@ class _BitExpertsMath:
         hidden_MF = self._hidden(x_q_MS, mm, weights)
         return mm(_quantize_input(hidden_MF, self.hidden_norm), weights["w2"])
 
+    def integer_forward(self, x_MS: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The experts through the integer kernels; ``blocks``: (expert, first row, end row) of
+        every expert with rows (rows sorted by expert). float32 math, returned in x's dtype.
+
+        Consecutive experts are taken together in chunks of about ``INTEGER_CHUNK_ROWS`` rows:
+        the matmuls run expert by expert, the per-row element-wise steps once per chunk, while
+        its (rows, 2F) activations are in cache (over the whole (M, 2F) tensor they cost 3x
+        the matmuls at 2048 tokens for MH-MoE h=3).
+        """
+        if not blocks:
+            return x_MS.new_zeros(0, x_MS.shape[1])
+        integer = self.integer_weights()
+        chunks, current, rows = [], [], 0
+        for block in blocks:
+            if current and rows + block[2] - block[1] > INTEGER_CHUNK_ROWS:
+                chunks.append(current)
+                current, rows = [], 0
+            current.append(block)
+            rows += block[2] - block[1]
+        chunks.append(current)
+        outputs = [self._integer_chunk(x_MS[chunk[0][1]:chunk[-1][2]], chunk, integer) for chunk in chunks]
+        y_MS = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return y_MS.to(x_MS.dtype)
+
+    def _integer_chunk(self, x_rS: torch.Tensor, blocks: list[tuple[int, int, int]],
+                       integer: IntegerExpertWeights) -> torch.Tensor:
+        """Consecutive expert blocks (row ranges absolute; x_rS starts at the first) -> (r, S)."""
+        first = blocks[0][1]
+        x_in = self.input_norm(x_rS) if self.input_norm is not None else x_rS
+        codes_rS, scale_r1 = activation_codes_for_inference(x_in)
+        pre = [integer_linear(codes_rS[a - first:b - first], scale_r1[a - first:b - first], integer.up[e],
+                              integer.gamma_up_EG[e]) for e, a, b in blocks]
+        pre_rG = pre[0] if len(pre) == 1 else torch.cat(pre)
+        if self.activation == "swiglu":
+            gate_rF, up_rF = pre_rG.chunk(2, dim=1)  # (r, 2F) -> 2 x (r, F)
+            hidden_rF = F.silu(gate_rF).mul_(up_rF)
+        else:
+            hidden_rF = pre_rG.relu_()
+        hidden_in = self.hidden_norm(hidden_rF) if self.hidden_norm is not None else hidden_rF
+        hidden_codes_rF, hidden_scale_r1 = activation_codes_for_inference(hidden_in)
+        out = [integer_linear(hidden_codes_rF[a - first:b - first], hidden_scale_r1[a - first:b - first],
+                              integer.down[e], integer.gamma_down_E[e]) for e, a, b in blocks]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def forward_blocks(self, x_MS: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Rows sorted by expert, ``blocks`` = (expert, first row, end row): the integer path in
+        one call in inference (per-row results equal ``forward_one``'s), ``forward_one`` per
+        block otherwise. The small-batch dispatch of ``mhmoe.layers.moe`` calls this."""
+        if not blocks:
+            return x_MS.new_zeros(0, x_MS.shape[1])
+        if use_integer_path(self, x_MS, *self.gradient_tensors()):
+            return self.integer_forward(x_MS, blocks)
+        return torch.cat([self.forward_one(e, x_MS[a:b]) for e, a, b in blocks])
+
     def forward_one(self, expert: int, x_RS: torch.Tensor) -> torch.Tensor:
-        """Reference: expert ``expert`` alone on rows x_RS, with plain matmuls."""
-        weights = {k: w[expert].to(x_RS.dtype) for k, w in self.quantized_weights().items()}
+        """Reference: expert ``expert`` alone on rows x_RS, with plain matmuls (integer ones in
+        inference)."""
+        if use_integer_path(self, x_RS, *self.gradient_tensors()):
+            return self.integer_forward(x_RS, [(expert, 0, x_RS.shape[0])] if x_RS.shape[0] else [])
+        weights = {k: w.to(x_RS.dtype) for k, w in self.quantized_expert_weights(expert).items()}
 
         def mm(x: torch.Tensor, w_FS: torch.Tensor) -> torch.Tensor:
             return x @ w_FS.t()
@@ -324,7 +522,7 @@ class BitExperts(_BitExpertsMath, Experts):
         self.hidden_norm = RMSNorm(d_expert, device=device, dtype=dtype) if norm else None
 
     @classmethod
-    def from_experts(cls, experts: Experts, norm: bool = True) -> "BitExperts":
+    def from_experts(cls, experts: Experts, norm: bool = True) -> BitExperts:
         """A BitExperts sharing ``experts``' stacked Parameters."""
         with torch.device("meta"):
             new = cls(experts.num_experts, experts.d_in, experts.d_expert, experts.activation, norm=False)
@@ -337,41 +535,79 @@ class BitExperts(_BitExpertsMath, Experts):
             new.hidden_norm = RMSNorm(experts.d_expert, device=device, dtype=dtype)
         return new
 
+    def _weight_names(self) -> tuple[str, ...]:
+        return ("w1", "w3", "w2") if self.activation == "swiglu" else ("w1", "w2")
+
     def quantized_weights(self) -> dict[str, torch.Tensor]:
         # [b1.58] Eq. 1-3 per expert: gamma_e = mean|W_e|, W_q,e = clip(round(W_e/(gamma_e+eps)), -1, 1).
-        names = ("w1", "w3", "w2") if self.activation == "swiglu" else ("w1", "w2")
-        return {name: weight_quant(getattr(self, name), per_expert=True) for name in names}
+        return {name: weight_quant(getattr(self, name), per_expert=True) for name in self._weight_names()}
+
+    def expert_codes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: weight_quant_codes(getattr(self, name), per_expert=True) for name in self._weight_names()}
+
+    def quantized_expert_weights(self, expert: int) -> dict[str, torch.Tensor]:
+        # The expert's own slice (1, O, I), quantised per expert as in quantized_weights: the
+        # same mean over the same contiguous block, without quantising the other E - 1.
+        return {name: weight_quant(getattr(self, name)[expert:expert + 1], per_expert=True)[0]
+                for name in self._weight_names()}
+
+    def integer_sources(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self._weight_names())
+
+    def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.integer_sources() + super().gradient_tensors()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", bits=1.58, act_bits=8"
 
 
-class _BitRouterMath:
-    """Router logits from ternary weights and 8-bit activations (no inner norm), then top-k."""
+class _BitRouterMath(_TernaryMatrixMath):
+    """Router logits from ternary weights and 8-bit activations (no inner norm), then top-k
+    (with the aux-loss-free selection bias when the router has one, as ``TopKRouter``)."""
 
     top_k: int
     normalize_top_k: bool
-
-    def quantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    expert_bias: torch.Tensor | None
 
     def forward(self, x_NS: torch.Tensor) -> RouterOutput:
         # Same semantics and code as TopKRouter.forward (float32 logits, then route_logits:
         # softmax, top-k, renormalise, the loss statistics).
         with torch.autocast(device_type=x_NS.device.type, enabled=False):
-            logits_NE = F.linear(activation_quant(x_NS).float(), self.quantized_weight().float())
-        return route_logits(logits_NE, self.top_k, self.normalize_top_k)
+            if use_integer_path(self, x_NS, *self.gradient_tensors()):
+                codes_NS, scale_N1 = activation_codes_for_inference(x_NS)
+                integer = self.integer_weight()
+                logits_NE = integer_linear(codes_NS, scale_N1, integer.weight, integer.gamma)
+            else:
+                logits_NE = F.linear(activation_quant(x_NS).float(), self.quantized_weight().float())
+        return route_logits(logits_NE, self.top_k, self.normalize_top_k, getattr(self, "expert_bias", None))
 
 
 class BitRouter(_BitRouterMath, TopKRouter):
-    """``TopKRouter`` on ternary weights and 8-bit activations (opt-in: ``quantize_router``)."""
+    """``TopKRouter`` on ternary weights and 8-bit activations (opt-in: ``quantize_router``).
+
+    Keeps the router's aux-loss-free selection bias buffer (``expert_bias``, DeepSeek-V3
+    Eq. 16) when it has one: the same tensor, so the balancing update and checkpoints see it.
+    """
 
     @classmethod
-    def from_router(cls, router: TopKRouter) -> "BitRouter":
+    def from_router(cls, router: TopKRouter) -> BitRouter:
+        bias = getattr(router, "expert_bias", None)
         with torch.device("meta"):
-            new = cls(router.weight.shape[1], router.num_experts, router.top_k, router.normalize_top_k)
+            new = cls(router.weight.shape[1], router.num_experts, router.top_k, router.normalize_top_k,
+                      selection_bias=bias is not None)
         new.weight = router.weight
+        if bias is not None:
+            new.expert_bias = bias  # the registered buffer, now the router's own tensor
         return new
 
     def quantized_weight(self) -> torch.Tensor:
         return weight_quant(self.weight)
+
+    def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight_quant_codes(self.weight)
+
+    def integer_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
+
+    def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.weight,)

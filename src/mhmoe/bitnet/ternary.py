@@ -19,13 +19,19 @@ Format (``FORMAT`` = "mhmoe-ternary", version 1), one directory:
 
 Loading (``load_ternary``) builds the full-precision model skeleton (on the meta device for
 the LM), replaces the quantised modules by ``TernaryLinear`` / ``TernaryExperts`` /
-``TernaryRouter``, which keep the packed uint8 codes resident and unpack them per forward
-(gamma * W_q, the same expression as training), and loads the file. Activations are quantised
-exactly as in training. So in eval mode the packed model's logits equal the fake-quant model's
-(bit for bit in float32; ``tests/test_quant.py``).
+``TernaryRouter``, which keep the packed uint8 codes resident, and loads the file; then
+``prepare_integer_inference`` unpacks every matrix once into the int8 form of the integer
+kernels (``mhmoe.bitnet.integer``; no float copy of a quantised matrix is made). Inference runs
+y = (x_codes @ W_q^T) * gamma / s with int32 sums; activations are quantised exactly as in
+training. The fake-quant model's eval runs the same kernels on the same codes, so the packed
+model's logits equal the fake-quant model's bit for bit in float32 (``tests/test_quant.py``,
+``tests/test_int_inference.py``); with ``integer_inference(False)`` both run the float math of
+training (the packed model then unpacks per forward, gamma * W_q, the same expression).
 
-Sizes: a quantised weight takes 2 bits + one float32 per tensor (per expert), against 32 (fp32)
-or 16 (bf16) bits; embeddings and the LM head stay full precision and dominate small models.
+Sizes: a quantised weight takes 2 bits + one float32 per tensor (per expert) on disk, against 32
+(fp32) or 16 (bf16) bits; resident, 2 bits + 8 bits (the integer kernels' int8 form, plus 4-8
+bytes per output row of scales and fbgemm column offsets). Embeddings and the LM head stay full
+precision and dominate small models.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from mhmoe.bitnet.layers import (
     _BitExpertsMath,
     _BitLinearMath,
     _BitRouterMath,
+    _TernaryMatrixMath,
     dequantize_weight,
     weight_quant_codes,
 )
@@ -76,6 +83,7 @@ __all__ = [
     "load_export",
     "load_ternary",
     "pack_ternary",
+    "prepare_integer_inference",
     "read_manifest",
     "tensor_bytes",
     "unpack_ternary",
@@ -158,12 +166,17 @@ def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...] | list[int] | to
 
 
 def _unpacked_weight(module: nn.Module, name: str) -> torch.Tensor:
-    packed = getattr(module, f"{name}_packed")
+    codes, scale = _codes_and_scale(module, name)
+    return dequantize_weight(codes.to(scale.dtype), scale)
+
+
+def _codes_and_scale(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes of ``name`` in their shape, gamma: () per tensor, (E,) per expert)."""
     scale = getattr(module, f"{name}_scale")
-    codes = _unpack(packed, module.weight_shapes[name]).to(scale.dtype)
+    codes = _unpack(getattr(module, f"{name}_packed"), module.weight_shapes[name])
     if scale.numel() == 1 and codes.dim() == 2:
         scale = scale.reshape(())  # per tensor: (1,) -> ()
-    return dequantize_weight(codes, scale)
+    return codes, scale
 
 
 def _register_packed(module: nn.Module, name: str, shape: tuple[int, ...], num_scales: int, device=None) -> None:
@@ -186,6 +199,15 @@ class TernaryLinear(_BitLinearMath, nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         return _unpacked_weight(self, "weight")
+
+    def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _codes_and_scale(self, "weight")
+
+    def integer_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight_packed, self.weight_scale)
+
+    def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.bias, None if self.norm is None else self.norm.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed=2bit"
@@ -212,6 +234,12 @@ class TernaryExperts(_BitExpertsMath, nn.Module):
     def quantized_weights(self) -> dict[str, torch.Tensor]:
         return {name: _unpacked_weight(self, name) for name in self.weight_shapes}
 
+    def expert_codes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: _codes_and_scale(self, name) for name in self.weight_shapes}
+
+    def integer_sources(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f"{name}_packed") for name in self.weight_shapes)
+
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_in={self.d_in}, d_expert={self.d_expert}, "
@@ -220,18 +248,35 @@ class TernaryExperts(_BitExpertsMath, nn.Module):
 
 
 class TernaryRouter(_BitRouterMath, nn.Module):
-    """Inference twin of ``BitRouter``."""
+    """Inference twin of ``BitRouter``; ``expert_bias`` (E,) float32 when the router was trained
+    with aux-loss-free balancing (``selection_bias``)."""
 
-    def __init__(self, d_in: int, num_experts: int, top_k: int, normalize_top_k: bool, device=None) -> None:
+    def __init__(
+        self, d_in: int, num_experts: int, top_k: int, normalize_top_k: bool, device=None,
+        selection_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.normalize_top_k = normalize_top_k
         self.weight_shapes: dict[str, tuple[int, ...]] = {}
         _register_packed(self, "weight", (num_experts, d_in), 1, device)
+        if selection_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
+        else:
+            self.expert_bias = None
 
     def quantized_weight(self) -> torch.Tensor:
         return _unpacked_weight(self, "weight")
+
+    def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _codes_and_scale(self, "weight")
+
+    def integer_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight_packed, self.weight_scale)
+
+    def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +325,7 @@ def _quantized_entries(name: str, module: nn.Module) -> tuple[dict[str, Any], di
         entry = {
             "kind": "router", "d_in": module.weight.shape[1], "num_experts": module.num_experts,
             "top_k": module.top_k, "normalize_top_k": module.normalize_top_k,
+            "selection_bias": getattr(module, "expert_bias", None) is not None,
         }
         per_expert = False
     elif isinstance(module, BitLinear):
@@ -408,7 +454,10 @@ def _ternary_module(name: str, entry: dict[str, Any], old: nn.Module) -> nn.Modu
             raise ValueError(f"module {name!r} is {type(old).__name__}, the export has a router there")
         check("num_experts", old.num_experts)
         check("top_k", old.top_k)
-        return TernaryRouter(entry["d_in"], entry["num_experts"], entry["top_k"], entry["normalize_top_k"], device="meta")
+        # Exports written before "selection_bias" was recorded: the skeleton's router says.
+        selection_bias = entry.get("selection_bias", getattr(old, "expert_bias", None) is not None)
+        return TernaryRouter(entry["d_in"], entry["num_experts"], entry["top_k"], entry["normalize_top_k"],
+                             device="meta", selection_bias=selection_bias)
     raise ValueError(f"module {name!r}: unknown quantised kind {kind!r} (linear, experts, router)")
 
 
@@ -480,7 +529,24 @@ def load_ternary(
     if manifest.get("bitnet") is not None and isinstance(getattr(model, "config", None), ModelConfig):
         # Exports written before the options moved into the model config.
         model.config = model.config.replace(bitnet=BitNetConfig.from_dict(manifest["bitnet"]))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    prepare_integer_inference(model)
+    return model
+
+
+def prepare_integer_inference(model: nn.Module) -> int:
+    """Build the integer weights of every quantised module of ``model`` now (once), on the
+    modules' devices, for the kernel ``mhmoe.bitnet.integer.default_backend`` picks there.
+    Returns how many modules were prepared."""
+    prepared = 0
+    for module in model.modules():
+        if isinstance(module, _TernaryMatrixMath):
+            module.integer_weight()
+            prepared += 1
+        elif isinstance(module, _BitExpertsMath):
+            module.integer_weights()
+            prepared += 1
+    return prepared
 
 
 def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:

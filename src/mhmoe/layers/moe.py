@@ -26,6 +26,15 @@ kept_counts_E, experts) -> y_NS`` (``DispatchCompute``); the registered ones
   (``_BlockedDispatch``).
 * ``"reference"``: the experts one by one on their rows (``forward_one``, plain matmuls).
 
+Small batches (decoding: a few tokens per step): with at most ``SMALL_BATCH_MAX_ASSIGNMENTS``
+assignments on CPU, dropless, and no backend chosen, ``moe_dispatch`` skips the sort and the
+grouped machinery: ``small_batch_compute`` runs only the experts that were chosen. Small plain
+experts (MH-MoE's) as three batched matmuls over their gathered weights (equal to the
+reference up to float rounding); others (large experts, BitNet's) by reading the ids once to
+the host and running each chosen expert's ``forward_one`` (plain or integer matmuls) on its
+units, in ascending expert order with units in order: exactly the "reference" backend's sums
+in its order (the same values, bit for bit).
+
 Expert parallelism (``mhmoe.distributed.expert_parallel``) installs its backend on the layer
 (``MHMoE.dispatch_backend``): gather and combine as in "grouped", with all-to-alls between them.
 
@@ -53,6 +62,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mhmoe.config import CAPACITY_PRIORITIES
@@ -60,12 +70,18 @@ from mhmoe.layers.experts import (
     DISPATCH_BACKENDS,
     DispatchBackend,
     DispatchCompute,
+    Experts,
     block_backward,
     block_forward,
     fused_up_weight,
     select_backend,
 )
-from mhmoe.layers.routing import RouterOutput, TopKRouter, count_values, sequence_balance_loss
+from mhmoe.layers.routing import (
+    RouterOutput,
+    TopKRouter,
+    count_values,
+    sequence_balance_loss,
+)
 
 
 @dataclass
@@ -257,6 +273,105 @@ class _BlockedDispatch(torch.autograd.Function):
         return grad_x_NS, grad_weights_NK, grad_w1, grad_w3, grad_w2_ESF, None, None, None
 
 
+SMALL_BATCH_MAX_ASSIGNMENTS = 96
+"""At most this many assignments (units x top-k) on CPU: ``small_batch_compute`` (module
+docstring). Decoding at batch 8 routes 8 units top-1 (SMoE) or 24 units top-3 (MH-MoE h=3,
+72 assignments). Measured per `mini` MoE layer forward (CPU time, loaded machine): SMoE 1
+token 0.8 ms vs 3.5 ms grouped; 8 tokens 5.4 vs 7.1 ms; h=3 8 tokens (gathered) 3.1 vs 5.8 ms."""
+
+
+def use_small_batch(x_NS: torch.Tensor, num_assignments: int, experts: nn.Module,
+                    capacity_factor: float | None, backend: DispatchCompute | None) -> bool:
+    """Whether ``moe_dispatch`` takes the small-batch path (module docstring): plain ``Experts``
+    or experts with a ``forward_blocks`` (BitNet's), never a subclass's own ``forward`` that the
+    small-batch math would bypass."""
+    consistent = type(experts).forward is Experts.forward or hasattr(experts, "forward_blocks")
+    return (
+        consistent
+        and backend is None
+        and capacity_factor is None
+        and x_NS.device.type == "cpu"
+        and 0 < num_assignments <= SMALL_BATCH_MAX_ASSIGNMENTS
+        and getattr(experts, "implementation", None) is None
+        and not torch.compiler.is_compiling()
+    )
+
+
+SMALL_BATCH_GATHER_MAX_BYTES = 8 * 2**20
+"""Plain ``Experts`` whose M chosen weight sets take at most this many bytes run as batched
+matmuls over gathered weights (``gathered_small_batch_compute``)."""
+
+
+def gathers_weights(experts: nn.Module, num_assignments: int) -> bool:
+    """Whether the small-batch path gathers the chosen experts' weights (plain stacked
+    ``Experts`` with small experts: MH-MoE's), instead of one ``forward_one`` per expert."""
+    if type(experts).forward is not Experts.forward:  # experts with their own math (BitNet)
+        return False
+    per_expert = sum(w[0].numel() * w.element_size() for w in experts.parameters(recurse=False))
+    return num_assignments * per_expert <= SMALL_BATCH_GATHER_MAX_BYTES
+
+
+def gathered_small_batch_compute(x_NS: torch.Tensor, weights_NK: torch.Tensor, expert_ids_NK: torch.Tensor,
+                                 experts: Experts) -> torch.Tensor:
+    """y_n = sum_k w_nk * Expert_{id_nk}(x_n) as three batched matmuls over the M = N*K chosen
+    experts' weights, gathered (a copy of M weight sets: small by ``gathers_weights``); a
+    dozen ops whatever M, where a loop over the chosen experts issues a dozen per expert
+    (MH-MoE h=3 decoding routes 3 sub-tokens top-3: 9 experts per token)."""
+    num_units, top_k = weights_NK.shape
+    ids_M = expert_ids_NK.reshape(-1)  # (N, K) -> (M,), m = n * K + k
+    x_M1S = x_NS.repeat_interleave(top_k, dim=0).unsqueeze(1)  # (N, S) -> (M, 1, S)
+    gate_M1F = torch.bmm(x_M1S, experts.w1.index_select(0, ids_M).transpose(1, 2))
+    if experts.activation == "swiglu":
+        up_M1F = torch.bmm(x_M1S, experts.w3.index_select(0, ids_M).transpose(1, 2))
+        hidden_M1F = F.silu(gate_M1F) * up_M1F
+    else:
+        hidden_M1F = F.relu(gate_M1F)
+    y_M1S = torch.bmm(hidden_M1F, experts.w2.index_select(0, ids_M).transpose(1, 2))
+    y_NKS = y_M1S.view(num_units, top_k, x_NS.shape[1])  # (M, 1, S) -> (N, K, S)
+    return torch.bmm(weights_NK.to(y_NKS.dtype).unsqueeze(1), y_NKS).squeeze(1)  # sum_k w_nk y_nk
+
+
+def small_batch_compute(x_NS: torch.Tensor, weights_NK: torch.Tensor, expert_ids_NK: torch.Tensor,
+                        experts: nn.Module) -> torch.Tensor:
+    """y_n = sum_k w_nk * Expert_{id_nk}(x_n), running only the chosen experts, no sort.
+
+    Small plain experts: ``gathered_small_batch_compute`` (equal to the reference up to float
+    rounding). Otherwise the M = N*K ids are read once (M is small); each chosen expert, in
+    ascending order, runs ``forward_one`` on its units (in unit order) and its weighted rows are
+    added into y_NS: the operations of ``reference_compute``, in its order, without its sort.
+    """
+    if gathers_weights(experts, expert_ids_NK.numel()):
+        return gathered_small_batch_compute(x_NS, weights_NK, expert_ids_NK, experts)
+    top_k = weights_NK.shape[1]
+    assignments_by_expert: dict[int, list[int]] = {}
+    for assignment, expert in enumerate(expert_ids_NK.reshape(-1).tolist()):  # m = n * K + k
+        assignments_by_expert.setdefault(expert, []).append(assignment)
+    weights_M = weights_NK.reshape(-1)  # (N, K) -> (M,)
+    y_NS = x_NS.new_zeros(x_NS.shape)
+    forward_blocks = getattr(experts, "forward_blocks", None)
+    if forward_blocks is not None:
+        # Experts with a blocks forward (BitNet's): all chosen experts' rows in one call,
+        # sorted by expert on the host (M is small), then one weighted scatter-add in that
+        # order: the reference's additions in the reference's order.
+        order, blocks = [], []
+        for expert in sorted(assignments_by_expert):
+            rows = assignments_by_expert[expert]
+            blocks.append((expert, len(order), len(order) + len(rows)))
+            order += rows
+        order_r = torch.tensor(order, dtype=torch.int64, device=x_NS.device)
+        units_r = order_r // top_k
+        out_rS = forward_blocks(x_NS.index_select(0, units_r), blocks)
+        weight_r1 = weights_M[order_r].to(out_rS.dtype).unsqueeze(1)
+        return y_NS.index_add(0, units_r, weight_r1 * out_rS)
+    for expert in sorted(assignments_by_expert):  # at most M distinct experts
+        order_r = torch.tensor(assignments_by_expert[expert], dtype=torch.int64, device=x_NS.device)
+        units_r = order_r // top_k
+        out_rS = experts.forward_one(expert, x_NS[units_r])
+        weight_r1 = weights_M[order_r].to(out_rS.dtype).unsqueeze(1)
+        y_NS = y_NS.index_add(0, units_r, weight_r1 * out_rS)
+    return y_NS
+
+
 def moe_dispatch(
     x_NS: torch.Tensor,
     router: TopKRouter,
@@ -280,6 +395,13 @@ def moe_dispatch(
     """
     route = router(x_NS)
     num_experts = router.num_experts
+    if use_small_batch(x_NS, route.expert_ids_NK.numel(), experts, capacity_factor, backend):
+        y_NS = small_batch_compute(x_NS, route.weights_NK, route.expert_ids_NK, experts)
+        tokens_per_expert_E = count_values(route.expert_ids_NK, num_experts)
+        aux = routing_aux(route, tokens_per_expert_E, route.expert_ids_NK.numel(), None, balance_counts_E)
+        if num_sequences is not None:
+            aux.seq_balance_loss = sequence_balance_loss(route.probs_NE, route.expert_ids_NK, num_sequences)
+        return y_NS, aux
     kept_order_R, kept_counts_E, tokens_per_expert_E = sort_assignments(
         route.expert_ids_NK, num_experts, capacity_factor, priority, seq_len, num_heads
     )

@@ -1,0 +1,335 @@
+"""Integer inference for BitNet b1.58: int8 activations x ternary int8 weights, int32 sums, scales.
+
+Shape legend: M rows (tokens, sub-tokens or one expert's rows), I/O in/out features, E experts.
+
+The quantised matmul of training (``mhmoe.bitnet.layers``) is, in floating point,
+
+    y = (x_codes / s) @ (gamma * W_q)^T,   x_codes in [-128, 127] per row, W_q in {-1, 0, +1}.
+
+Both factors are integers times one scale each, so [BitNet, arXiv 2310.11453, Eq. 11; b1.58,
+arXiv 2402.17764, Sec. 2] the same value is
+
+    y = (x_codes @ W_q^T) * gamma / s          (the integer product is exact: |sum| <= 128 * I)
+
+This module computes the integer product ``x_codes @ W_q^T`` with integer kernels and applies the
+two scales once, in float32:
+
+* ``"fbgemm"`` (CPU, where PyTorch ships fbgemm): the x86 int8 GEMM behind PyTorch's quantised
+  linear layers, uint8 activations (codes + 128, zero point 128) x int8 weights, int32
+  accumulation; the weight is prepacked once. Read back as float32, which holds every sum
+  exactly while |sum| < 2^24 (true for I < 131072 inputs). On AVX2 the kernel multiplies u8 x s8
+  pairs into int16 before widening; ternary weights keep each pair sum within 2 * 255, far from
+  the int16 limit, so nothing saturates.
+* ``"int_mm"``: ``torch._int_mm`` (int8 x int8 -> int32). On CUDA it needs more than 16 rows and
+  in/out sizes that are multiples of 8: rows are zero-padded to that, and shapes it cannot take
+  use ``"float"``. On this project's AVX2 CPU (AMD EPYC, no VNNI, torch 2.13) it is a scalar
+  kernel, 3-40x slower than an fp32 matmul of the same shape (docs/benchmarks.md), so it is not
+  the CPU default (fbgemm, or ``"float"`` in builds without fbgemm).
+* ``"float"``: the integer codes as float32 operands of a plain matmul (the weight converted per
+  call, never kept): exact for the same reason; the fallback and a reference.
+
+``_state`` (the ``integer_inference`` switch) is process-wide, not per thread.
+
+Caches: the integer weights of a module are built once (``integer_weights``) and kept, keyed by
+the module, in a ``WeakKeyDictionary`` (never in the module: they are not state, do not travel
+with ``deepcopy``/``state_dict``, and are rebuilt after the source tensor changes, i.e. after an
+optimiser step on a fake-quant model, detected by the tensor's version counter).
+
+When the integer path runs (``use_integer_path``): no autograd is needed (the module is not
+training and no input or weight requires a gradient with grad mode on), not under
+``torch.compile``, and not switched off by ``integer_inference(False)`` (the float reference the
+tests compare against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INTEGER_BACKENDS = ("fbgemm", "int_mm", "float")
+ACTIVATION_ZERO_POINT = 128
+"""fbgemm's activations are uint8: the int8 codes shifted by 128, with zero point 128."""
+EXACT_FLOAT_SUM_LIMIT = 2**24
+"""float32 holds every integer up to 2^24: the integer sums stay exact below it."""
+
+_state: dict[str, Any] = {"enabled": True, "backend": None}
+
+
+@contextlib.contextmanager
+def integer_inference(enabled: bool = True, backend: str | None = None) -> Iterator[None]:
+    """Switch the integer inference path on/off (and pick its kernel) inside a ``with`` block.
+
+    ``integer_inference(False)``: quantised layers run the training-time float math in eval too
+    (the reference the tests compare the integer path against). ``backend``: one of
+    ``INTEGER_BACKENDS`` (None: ``default_backend`` per device).
+    """
+    if backend is not None:
+        check_backend(backend)
+    previous = dict(_state)
+    _state.update(enabled=bool(enabled), backend=backend)
+    try:
+        yield
+    finally:
+        _state.update(previous)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in INTEGER_BACKENDS:
+        raise ValueError(f"integer backend {backend!r}: must be one of {', '.join(INTEGER_BACKENDS)}")
+    if backend == "fbgemm" and not fbgemm_available():
+        raise ValueError("integer backend 'fbgemm': this PyTorch build has no fbgemm quantised engine")
+    return backend
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def default_backend(device: torch.device) -> str:
+    """The kernel for ``device``: the chosen one inside ``integer_inference``, else fbgemm on CPU
+    (when present) and ``torch._int_mm`` elsewhere."""
+    if _state["backend"] is not None:
+        return _state["backend"]
+    if device.type == "cpu":
+        return "fbgemm" if fbgemm_available() else "float"
+    return "int_mm"
+
+
+def use_integer_path(module: nn.Module, *tensors: torch.Tensor | None) -> bool:
+    """Whether ``module`` computes with the integer kernels for these inputs/weights (docstring)."""
+    if not _state["enabled"] or module.training or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+# --------------------------------------------------------------------------------------------
+# Integer weights
+# --------------------------------------------------------------------------------------------
+
+
+def _quiet_quantized(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a quantised-tensor API, hiding its deprecation warning (the kernel is what we use)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fn(*args)
+
+
+class Int8Weight:
+    """One ternary matrix W_q (O, I) in the form a backend multiplies with.
+
+    ``fbgemm``: the prepacked int8 weight (about O * I bytes); ``int_mm``/``float``: int8 codes,
+    stored (I, O)-transposed view of an (O, I) contiguous tensor. Never a float copy.
+    """
+
+    def __init__(self, codes_OI: torch.Tensor, backend: str) -> None:
+        if codes_OI.dim() != 2:
+            raise ValueError(f"ternary weight of shape {tuple(codes_OI.shape)}: must be 2-D (out, in)")
+        self.backend = check_backend(backend)
+        self.out_features, self.in_features = codes_OI.shape
+        check_exact(self.in_features)
+        codes_OI = codes_OI.detach().to(torch.int8).contiguous()
+        if backend == "fbgemm":
+            if codes_OI.device.type != "cpu":
+                raise ValueError(f"integer backend 'fbgemm' runs on CPU, the weight is on {codes_OI.device}")
+            qweight = _quiet_quantized(torch._make_per_tensor_quantized_tensor, codes_OI, 1.0, 0)
+            with _fbgemm_engine():
+                self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+            self.codes_OI = None
+        else:
+            self.packed = None
+            self.codes_OI = codes_OI
+        self.device = codes_OI.device
+
+    def nbytes(self) -> int:
+        """Resident bytes: one per weight, plus fbgemm's int32 column offsets."""
+        if self.backend == "fbgemm":
+            return self.out_features * self.in_features + 4 * self.out_features
+        return self.codes_OI.numel()
+
+    def integer_sums(self, codes_MI: torch.Tensor) -> torch.Tensor:
+        """x_codes @ W_q^T as float32 (M, O), exact; ``codes_MI`` integral floats in [-128, 127]."""
+        if codes_MI.shape[-1] != self.in_features:
+            raise ValueError(f"input has {codes_MI.shape[-1]} features, the weight takes {self.in_features}")
+        if self.backend == "fbgemm":
+            # Input quantised with scale 1 and zero point 128: exactly codes + 128 in [0, 255].
+            return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                codes_MI.float().contiguous(), 1.0, ACTIVATION_ZERO_POINT, self.packed
+            )
+        if self.backend == "int_mm":
+            return int_mm_sums(codes_MI, self.codes_OI)
+        return float_sums(codes_MI, self.codes_OI)
+
+
+@contextlib.contextmanager
+def _fbgemm_engine() -> Iterator[None]:
+    previous = torch.backends.quantized.engine
+    if previous != "fbgemm":
+        torch.backends.quantized.engine = "fbgemm"
+    try:
+        yield
+    finally:
+        if previous != "fbgemm":
+            torch.backends.quantized.engine = previous
+
+
+def float_sums(codes_MI: torch.Tensor, codes_OI: torch.Tensor) -> torch.Tensor:
+    """The integer product as a float32 matmul (exact below 2^24; the weight converted per call)."""
+    return F.linear(codes_MI.float(), codes_OI.float())
+
+
+def int_mm_shape_ok(device: torch.device, in_features: int, out_features: int) -> bool:
+    """Whether ``torch._int_mm`` takes these sizes here (CUDA: multiples of 8; CPU: any)."""
+    return device.type == "cpu" or (in_features % 8 == 0 and out_features % 8 == 0)
+
+
+def int_mm_padded_rows(num_rows: int, device: torch.device, force_padding: bool = False) -> int:
+    """Rows ``torch._int_mm`` gets: on CUDA (or when forced) > 16 and a multiple of 8."""
+    if device.type == "cpu" and not force_padding:
+        return num_rows
+    return max(24, -(-num_rows // 8) * 8)
+
+
+def int_mm_sums(codes_MI: torch.Tensor, codes_OI: torch.Tensor, force_padding: bool = False) -> torch.Tensor:
+    """x_codes @ W_q^T through ``torch._int_mm``: int8 x int8 -> int32, returned as float32.
+
+    Rows are zero-padded to what the device's kernel accepts (``int_mm_padded_rows``, padding
+    forced for tests with ``force_padding``); sizes it cannot take fall back to ``float_sums``.
+    """
+    num_rows, in_features = codes_MI.shape
+    out_features = codes_OI.shape[0]
+    if num_rows == 0 or not int_mm_shape_ok(codes_MI.device, in_features, out_features):
+        return float_sums(codes_MI, codes_OI)
+    x_int8 = codes_MI.to(torch.int8)
+    padded = int_mm_padded_rows(num_rows, codes_MI.device, force_padding)
+    if padded != num_rows:
+        x_int8 = torch.cat([x_int8, x_int8.new_zeros(padded - num_rows, in_features)])
+    sums_MO = torch._int_mm(x_int8, codes_OI.t())  # (M, I) x (I, O) -> (M, O) int32
+    return sums_MO[:num_rows].float()
+
+
+# --------------------------------------------------------------------------------------------
+# The cache: integer weights per module, built once
+# --------------------------------------------------------------------------------------------
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _source_key(sources: tuple[torch.Tensor, ...], backend: str) -> tuple:
+    return (backend, *((t.data_ptr(), t._version, t.device) for t in sources))
+
+
+def cached(
+    module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], backend: str, build: Callable[[], Any]
+) -> Any:
+    """``build()`` once per (module, name), rebuilt when one of ``sources`` (the tensors the
+    integer weights derive from) is replaced or modified in place, or the backend changes."""
+    entries = _CACHE.setdefault(module, {})
+    key = _source_key(tuple(sources), backend)
+    entry = entries.get(name)
+    if entry is None or entry[0] != key:
+        entry = (key, build())
+        entries[name] = entry
+    return entry[1]
+
+
+def cached_weights(module: nn.Module) -> list[Any]:
+    """The integer weights currently cached for ``module`` (for memory accounting)."""
+    return [value for _, value in _CACHE.get(module, {}).values()]
+
+
+def clear_cache(module: nn.Module | None = None) -> None:
+    if module is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(module, None)
+
+
+def integer_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the integer weights cached for the modules of ``model``."""
+    return sum(value.nbytes() for module in model.modules() for value in cached_weights(module))
+
+
+# --------------------------------------------------------------------------------------------
+# The integer matmuls of the quantised layers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IntegerLinearWeight:
+    """A quantised linear layer's integer form: W_q (O, I) and its absmean scale gamma ()."""
+
+    weight: Int8Weight
+    gamma: torch.Tensor  # float32 ()
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes() + 4
+
+
+@dataclass
+class IntegerExpertWeights:
+    """Stacked experts' integer form, per expert e: the up projection (gate and up fused for
+    SwiGLU: (2F, S), else w1 (F, S)) with one gamma per output row, and w2 (S, F) with one."""
+
+    up: list[Int8Weight]
+    gamma_up_EG: torch.Tensor  # float32 (E, G), G = 2F (SwiGLU) or F
+    down: list[Int8Weight]
+    gamma_down_E: torch.Tensor  # float32 (E,)
+
+    def nbytes(self) -> int:
+        return sum(w.nbytes() for w in self.up + self.down) + 4 * (self.gamma_up_EG.numel() + self.gamma_down_E.numel())
+
+
+
+def integer_linear(
+    codes_MI: torch.Tensor, scale_M1: torch.Tensor, weight: Int8Weight, gamma: torch.Tensor
+) -> torch.Tensor:
+    """y = (x_codes @ W_q^T) * gamma / s  ([BitNet] Eq. 11): float32 (M, O).
+
+    ``codes_MI``/``scale_M1``: ``activation_quant_codes`` of the rows (s = 127 / max|x|);
+    ``gamma``: the absmean weight scale, one (0-d or 1 element) or one per output column (O,)
+    (the fused gate/up weight of an expert carries two).
+    """
+    sums_MO = weight.integer_sums(codes_MI)
+    gamma = gamma.float()
+    if gamma.numel() == 1:
+        return sums_MO.mul_(gamma.reshape(()) / scale_M1.float())
+    return sums_MO.div_(scale_M1.float()).mul_(gamma)
+
+
+def check_exact(in_features: int) -> None:
+    """The integer sums over ``in_features`` products must stay exact in float32 (|sum| <= 128 I)."""
+    if 128 * in_features >= EXACT_FLOAT_SUM_LIMIT:
+        raise ValueError(
+            f"in_features={in_features}: integer sums up to 128 * {in_features} exceed 2^24, "
+            "where float32 stops being exact; the integer path takes in_features < 131072"
+        )
+
+
+__all__ = [
+    "INTEGER_BACKENDS",
+    "Int8Weight",
+    "IntegerExpertWeights",
+    "IntegerLinearWeight",
+    "cached",
+    "clear_cache",
+    "default_backend",
+    "fbgemm_available",
+    "float_sums",
+    "int_mm_sums",
+    "integer_inference",
+    "integer_linear",
+    "integer_weight_bytes",
+    "use_integer_path",
+]
+

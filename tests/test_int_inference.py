@@ -1,0 +1,377 @@
+"""Integer inference for BitNet (mhmoe.bitnet.integer), the small-batch MoE path
+(mhmoe.layers.moe.small_batch_compute) and the quantised router's aux-free bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mhmoe import MHMoE
+from mhmoe import model as model_mod
+from mhmoe.bitnet import integer
+from mhmoe.bitnet import layers as layers_mod
+from mhmoe.bitnet.convert import to_bitnet
+from mhmoe.bitnet.integer import (
+    Int8Weight,
+    fbgemm_available,
+    int_mm_sums,
+    integer_inference,
+    integer_weight_bytes,
+)
+from mhmoe.bitnet.layers import (
+    BitExperts,
+    BitLinear,
+    BitRouter,
+    activation_quant_codes,
+    weight_quant_codes,
+)
+from mhmoe.bitnet.ternary import (
+    TernaryExperts,
+    TernaryRouter,
+    export_ternary,
+    load_ternary,
+)
+from mhmoe.config import DenseConfig, MoEConfig
+from mhmoe.decoding import generate_tokens
+from mhmoe.layers import moe as moe_mod
+from mhmoe.layers.experts import Experts
+from mhmoe.layers.routing import TopKRouter, update_selection_bias
+from mhmoe.model import lm_loss
+
+BACKENDS = [b for b in integer.INTEGER_BACKENDS if b != "fbgemm" or fbgemm_available()]
+
+
+def tiny_lm(num_heads=3, top_k=2, shared=8, load_balancing="micro-batch", num_experts=6, d_expert=16):
+    config = model_mod.ModelConfig(
+        vocab_size=61, d_model=24, num_layers=2, num_attention_heads=2, max_seq_len=40,
+        dense_ffn=DenseConfig(24, 40),
+        moe_ffn=MoEConfig(d_model=24, num_experts=num_experts, top_k=top_k, d_expert=d_expert,
+                          num_heads=num_heads, shared_d_ff=shared, load_balancing=load_balancing,
+                          head_layer=num_heads > 1, merge_layer=num_heads > 1),
+    )
+    return model_mod.TransformerLM(config)
+
+
+VARIANTS = {  # name: (tiny_lm options, quantize_router)
+    "smoe": ({"num_heads": 1, "top_k": 1, "shared": None}, True),
+    "smoe_shared": ({"num_heads": 1, "top_k": 2, "shared": 8}, True),
+    "mhmoe_h3_shared": ({"num_heads": 3, "top_k": 2, "shared": 8}, True),
+    "mhmoe_h3_fp_router": ({"num_heads": 3, "top_k": 3, "shared": None}, False),
+    # ModelConfig still refuses aux-free with bitnet.quantize_router (mhmoe.config, not ours):
+    # the aux-free LM runs with its full-precision router here, the quantised aux-free router
+    # is tested below on a model without a ModelConfig.
+    "mhmoe_h3_aux_free": ({"num_heads": 3, "top_k": 3, "shared": None, "load_balancing": "aux-free"}, False),
+}
+
+
+# ---------------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,in_features,out_features", [(0, 8, 4), (1, 24, 16), (17, 7, 5), (33, 192, 64)])
+def test_integer_sums_equal_float64_reference(backend, rows, in_features, out_features):
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    codes_x = torch.randint(-128, 128, (rows, in_features), generator=generator).float()
+    codes_w = torch.randint(-1, 2, (out_features, in_features), generator=generator).to(torch.int8)
+    if rows:  # the extreme sums: every product at its largest magnitude
+        codes_x[0] = -128.0
+        codes_w[0] = 1
+    weight = Int8Weight(codes_w, backend)
+    sums = weight.integer_sums(codes_x)
+    reference = codes_x.double() @ codes_w.double().t()
+    assert sums.dtype == torch.float32 and sums.shape == (rows, out_features)
+    assert torch.equal(sums.double(), reference)
+    if rows:
+        assert sums[0, 0] == -128 * in_features
+    assert weight.nbytes() >= out_features * in_features  # int8: one byte a weight, no float copy
+
+
+def test_int_mm_row_padding_and_fallback():
+    # CUDA's _int_mm needs > 16 rows, multiples of 8: padding (forced here on CPU) must not change sums.
+    assert integer.int_mm_padded_rows(3, torch.device("cuda")) == 24
+    assert integer.int_mm_padded_rows(25, torch.device("cuda")) == 32
+    assert integer.int_mm_padded_rows(3, torch.device("cpu")) == 3
+    assert not integer.int_mm_shape_ok(torch.device("cuda"), 12, 16)  # -> float fallback
+    assert integer.int_mm_shape_ok(torch.device("cpu"), 12, 7)
+    codes_x = torch.randint(-128, 128, (5, 16)).float()
+    codes_w = torch.randint(-1, 2, (8, 16)).to(torch.int8)
+    reference = codes_x.double() @ codes_w.double().t()
+    for force_padding in (False, True):
+        assert torch.equal(int_mm_sums(codes_x, codes_w, force_padding=force_padding).double(), reference)
+    assert torch.equal(integer.float_sums(codes_x, codes_w).double(), reference)
+
+
+def test_bad_backend_and_sizes_raise_one_clear_error():
+    with pytest.raises(ValueError, match="integer backend 'cuda_magic': must be one of"), \
+            integer_inference(True, "cuda_magic"):
+        pass
+    with pytest.raises(ValueError, match="must be 2-D"):
+        Int8Weight(torch.zeros(2, 3, 4, dtype=torch.int8), "float")
+    with pytest.raises(ValueError, match="input has 5 features, the weight takes 4"):
+        Int8Weight(torch.zeros(3, 4, dtype=torch.int8), "float").integer_sums(torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_linear_equals_float64_bitnet_formula(backend):
+    torch.manual_seed(0)
+    layer = BitLinear(48, 20, bias=True).eval()
+    with torch.no_grad():
+        layer.bias.uniform_(-1, 1)
+        layer.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad(), integer_inference(True, backend):
+        y = layer(x)
+    # [BitNet] Eq. 11 in float64: (x_codes @ W_q^T) * gamma / s + b
+    codes_x, scale = activation_quant_codes(layer.norm(x).double())
+    codes_w, gamma = weight_quant_codes(layer.weight.double())
+    expected = (codes_x @ codes_w.t()) * gamma / scale + layer.bias.double()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
+    assert y.shape == (3, 5, 20) and y.dtype == x.dtype
+
+
+def test_integer_path_only_without_autograd_and_cache_follows_the_weights():
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8)
+    x = torch.randn(4, 16)
+    with integer_inference(False):
+        float_out = layer(x)
+    assert not integer.use_integer_path(layer.train(), x)  # training: the STE float path
+    layer.eval()
+    assert not integer.use_integer_path(layer, x, layer.weight)  # grad mode, weight needs grad
+    torch.testing.assert_close(layer(x), float_out, rtol=0, atol=0)  # eval with grad: float path
+    with torch.no_grad():
+        first = layer(x)
+        torch.testing.assert_close(first, float_out, rtol=1e-5, atol=1e-5)
+        layer.weight.mul_(-1.0)  # an optimiser-like in-place update: the cache must follow
+        flipped = layer(x)
+    torch.testing.assert_close(flipped, -first, rtol=1e-6, atol=1e-6)
+    assert integer_weight_bytes(layer) == 16 * 8 + 4 * 8 * (fbgemm_available()) + 4
+
+
+def test_inference_activation_codes_equal_the_training_quantiser():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 33) * torch.logspace(-7, 4, 5).view(1, 5, 1)
+    x[0, 0] = 0.0  # all-zero row: scale bounded by eps
+    x[1, 1, 3] = -x[1, 1].abs().max() * 2  # the row maximum negative: code -127
+    for tensor in (x, x.double()):
+        codes, scale = layers_mod.activation_codes_for_inference(tensor)
+        ref_codes, ref_scale = activation_quant_codes(tensor)
+        assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+        assert codes.dtype == ref_codes.dtype
+
+
+def test_one_expert_quantised_alone_equals_its_slice_of_all():
+    # forward_one's float path quantises only its expert: the same values as quantising all.
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        experts = BitExperts(6, 24, 40).to(dtype)
+        with torch.no_grad():
+            experts.w2[3].mul_(100.0)  # experts of different magnitudes: per-expert scales
+        every = experts.quantized_weights()
+        for e in range(6):
+            one = experts.quantized_expert_weights(e)
+            assert all(torch.equal(one[name], every[name][e]) for name in every)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_integer_experts_chunking_and_forward_one_agree(monkeypatch, activation):
+    torch.manual_seed(0)
+    experts = BitExperts(5, 24, 16, activation).eval()
+    counts = [3, 0, 7, 1, 4]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 24)
+    with torch.no_grad():
+        whole = experts(x, offsets)
+        monkeypatch.setattr(layers_mod, "INTEGER_CHUNK_ROWS", 4)  # several chunks
+        chunked = experts(x, offsets, counts)
+        rows = torch.split(x, counts)
+        one_by_one = torch.cat([experts.forward_one(e, r) for e, r in enumerate(rows)])
+        with integer_inference(False):
+            float_path = experts(x, offsets)
+    assert torch.equal(whole, chunked) and torch.equal(whole, one_by_one)
+    torch.testing.assert_close(whole, float_path, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_integer_path_matches_fake_quant_greedy_tokens_and_perplexity(variant, tmp_path):
+    torch.manual_seed(0)
+    options, quantize_router = VARIANTS[variant]
+    model = to_bitnet(tiny_lm(**options), quantize_router=quantize_router).eval()
+    router = model.blocks[1].ffn.router
+    assert isinstance(router, BitRouter) == quantize_router
+    if options.get("load_balancing") == "aux-free":
+        assert router.expert_bias is not None
+        router.expert_bias.copy_(torch.linspace(-0.05, 0.05, router.num_experts))
+    ids = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits_int = model(ids).logits
+        with integer_inference(False):
+            logits_float = model(ids).logits
+        loss_int, loss_float = lm_loss(logits_int[:, :-1], ids[:, 1:]), lm_loss(logits_float[:, :-1], ids[:, 1:])
+    # Up to float rounding (~3e-7 at most positions). A rounding difference can still flip a
+    # discrete decision downstream, an activation code at a .5 boundary (a code step, ~1e-2,
+    # which attention then carries to every later position) or a near-tied expert choice
+    # (up to ~0.5 here); measured: 22-25% of positions above 1e-4, max 0.46.
+    diff_position = (logits_int - logits_float).abs().amax(dim=-1)  # (B, T)
+    assert diff_position.median() < 1e-5
+    assert (diff_position > 1e-4).float().mean() <= 0.4
+    assert diff_position.max() < 1.0
+    assert abs(loss_int.item() - loss_float.item()) < 1e-2
+    prompt = ids[0, :5].tolist()
+    tokens_int = list(generate_tokens(model, prompt, 12, temperature=0))
+    with integer_inference(False):
+        tokens_float = list(generate_tokens(model, prompt, 12, temperature=0))
+    assert tokens_int == tokens_float
+    # The packed export runs the same integer kernels on the same codes: bit for bit.
+    export_ternary(model, tmp_path / "t")
+    loaded = load_ternary(tmp_path / "t")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits_int)
+    assert list(generate_tokens(loaded, prompt, 12, temperature=0)) == tokens_int
+
+
+def test_packed_load_keeps_no_float_copy_of_the_quantised_matrices(tmp_path):
+    torch.manual_seed(0)
+    model = to_bitnet(tiny_lm(), quantize_router=True).eval()
+    export_ternary(model, tmp_path)
+    loaded = load_ternary(tmp_path)
+    experts = loaded.blocks[1].ffn.experts
+    assert isinstance(experts, TernaryExperts)
+    quantised_numel = 0
+    for module in loaded.modules():
+        weight_shapes = getattr(module, "weight_shapes", None)
+        if not weight_shapes:
+            continue
+        big = max(torch.Size(s).numel() for s in weight_shapes.values())
+        quantised_numel += sum(torch.Size(s).numel() for s in weight_shapes.values())
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            assert not (tensor.is_floating_point() and tensor.numel() >= big), f"float copy {name}"
+        assert integer.cached_weights(module), "integer weights are built at load"
+    # resident integer weights: one byte per quantised weight, plus 4-8 bytes of scales and
+    # column offsets per output row (large here: the tiny model's rows are 8-48 wide), far
+    # below float32's four bytes
+    assert quantised_numel <= integer_weight_bytes(loaded) < 1.5 * quantised_numel
+
+
+# ---------------------------------------------------------------------------------- small batch
+
+
+@pytest.mark.parametrize("kind", ["fp32_loop", "fp32_gathered", "bitnet"])
+@pytest.mark.parametrize("heads,top_k,tokens", [(1, 1, 1), (1, 2, 8), (3, 3, 2), (3, 2, 5)])
+def test_small_batch_path_equals_reference_dispatch(monkeypatch, kind, heads, top_k, tokens):
+    torch.manual_seed(0)
+    layer = MHMoE(24, heads, 7, top_k, 16, shared_d_ff=8).eval()
+    if kind == "bitnet":
+        to_bitnet(layer, quantize_router=True)
+    if kind == "fp32_loop":  # experts too large to gather: one forward_one per chosen expert
+        monkeypatch.setattr(moe_mod, "SMALL_BATCH_GATHER_MAX_BYTES", 0)
+    assert moe_mod.gathers_weights(layer.experts, tokens * heads * top_k) == (kind == "fp32_gathered")
+    x = torch.randn(tokens, 24)
+    with torch.no_grad():
+        ref, ref_aux = layer.forward_reference(x)
+
+        def no_sort(*args, **kwargs):
+            raise AssertionError("the small-batch path must not sort the assignments")
+
+        monkeypatch.setattr(moe_mod, "sort_assignments", no_sort)
+        out, aux = layer(x)
+    assert tokens * heads * top_k <= moe_mod.SMALL_BATCH_MAX_ASSIGNMENTS
+    if kind == "fp32_gathered":  # batched matmuls: the same sums in another order
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    else:  # the reference's operations in its order: bit for bit
+        assert torch.equal(out, ref)
+    assert torch.equal(aux.expert_ids, ref_aux.expert_ids)
+    assert torch.equal(aux.tokens_per_expert, ref_aux.tokens_per_expert)
+    torch.testing.assert_close(aux.load_balancing_loss, ref_aux.load_balancing_loss, rtol=0, atol=0)
+    torch.testing.assert_close(aux.z_loss, ref_aux.z_loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_gathered_small_batch_equals_reference_float64(activation):
+    torch.manual_seed(0)
+    layer = MHMoE(24, 3, 9, 3, 16, activation=activation).double().eval()
+    x = torch.randn(3, 24, dtype=torch.float64)
+    assert moe_mod.gathers_weights(layer.experts, 27)
+    with torch.no_grad():
+        out, _ = layer(x)
+        ref, _ = layer.forward_reference(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_small_batch_path_is_differentiable_and_skipped_when_not_applicable():
+    torch.manual_seed(0)
+    layer = MHMoE(24, 3, 7, 2, 16)
+    x = torch.randn(2, 24, dtype=torch.float64, requires_grad=True)
+    layer.double()
+    out, _ = layer(x)
+    ref, _ = layer.forward_reference(x)
+    grad_out = torch.autograd.grad(out.sum(), [x, layer.experts.w1])
+    grad_ref = torch.autograd.grad(ref.sum(), [x, layer.experts.w1])
+    for a, b in zip(grad_out, grad_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    many = moe_mod.SMALL_BATCH_MAX_ASSIGNMENTS + 1
+    assert not moe_mod.use_small_batch(x, many, layer.experts, None, None)
+    assert not moe_mod.use_small_batch(x, 4, layer.experts, 1.25, None)  # capacity: the full rule
+    layer.experts.implementation = "reference"
+    assert not moe_mod.use_small_batch(x, 4, layer.experts, None, None)
+
+    class OwnForward(Experts):  # a subclass's own forward must not be bypassed
+        def forward(self, x_MS, offsets_E, counts_E=None):
+            return 2 * super().forward(x_MS, offsets_E, counts_E)
+
+    assert not moe_mod.use_small_batch(x, 4, OwnForward(7, 8, 16), None, None)
+    assert moe_mod.use_small_batch(x, 4, BitExperts(7, 8, 16), None, None)
+
+
+# ---------------------------------------------------------------------------------- aux-free router
+
+
+class Toy(nn.Module):
+    """Linear -> MH-MoE (aux-free) -> head: no ModelConfig, so any BitNet option is allowed."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 24, bias=False)
+        self.moe = MHMoE(24, 3, 6, 2, 16, load_balancing="aux-free")
+        self.lm_head = nn.Linear(24, 5, bias=False)
+
+    def forward(self, x):
+        y, aux = self.moe(self.inp(x))
+        return self.lm_head(y), aux
+
+
+def test_quantised_router_keeps_the_aux_free_bias(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    bias = model.moe.router.expert_bias
+    assert bias is not None
+    to_bitnet(model, quantize_router=True)
+    router = model.moe.router
+    assert isinstance(router, BitRouter) and router.expert_bias is bias  # the same buffer
+    assert "moe.router.expert_bias" in model.state_dict()
+    x = torch.randn(10, 8)
+    before = router(x).expert_ids_NK
+    router.expert_bias.zero_()[4] = 10.0  # a large bias forces expert 4 into every top-k
+    for integer_on in (True, False):
+        with torch.no_grad(), integer_inference(integer_on):
+            ids = router.eval()(x).expert_ids_NK
+        assert bool((ids == 4).any(dim=1).all()), ids
+    assert not bool((before == 4).any(dim=1).all())
+    update_selection_bias(router.expert_bias, torch.tensor([0, 0, 0, 0, 9, 0]), rate=0.5)
+    assert router.expert_bias[4] == 9.5 and bias[4] == 9.5  # the balancing update reaches it
+    with torch.no_grad():
+        _, aux = model.eval()(torch.randn(4, 8))
+    assert torch.equal(aux.expert_bias, router.expert_bias)
+    export_ternary(model, tmp_path)
+    loaded = load_ternary(tmp_path, model=Toy())
+    loaded_router = loaded.moe.router
+    assert isinstance(loaded_router, TernaryRouter)
+    assert torch.equal(loaded_router.expert_bias, router.expert_bias)
+    with torch.no_grad():
+        assert torch.equal(loaded_router(x).expert_ids_NK, router(x).expert_ids_NK)
+    plain = TopKRouter(8, 6, 2)
+    assert BitRouter.from_router(plain).expert_bias is None
