@@ -359,9 +359,6 @@ def test_config_rejects_unknown_modes_and_old_configs_still_load():
         MoEConfig(d_model=8, num_experts=2, top_k=1, d_expert=4, load_balancing="global")
     with pytest.raises(ValueError, match="capacity_priority='gshard'"):
         MoEConfig(d_model=8, num_experts=2, top_k=1, d_expert=4, capacity_priority="gshard")
-    aux_free = tiny_lm("aux-free").config
-    with pytest.raises(ValueError, match="needs a full-precision router"):
-        aux_free.replace(bitnet=BitNetConfig(quantize_router=True))
     data = tiny_lm().config.to_dict()
     for key in ("capacity_priority", "capacity_at_eval", "load_balancing", "bias_update_rate"):
         del data["moe_ffn"][key]
@@ -407,3 +404,28 @@ def test_evidence_table_pairs_each_mode_with_micro_batch_balancing(tmp_path):
     (tmp_path / "lb" / "global-batch" / "runs").rename(tmp_path / "moved")
     with pytest.raises(SystemExit, match="global-batch"):
         table_script.build_table(tmp_path / "lb", ["mhmoe_h2"], "heldout")
+
+
+def test_aux_free_bias_works_with_a_quantised_bitnet_router():
+    """BitNet with quantize_router: the BitRouter keeps the expert_bias buffer (same name, in
+    the state dict), selection uses it, and the once-per-step update follows the formula."""
+    model = tiny_lm("aux-free", bitnet=BitNetConfig(quantize_router=True))
+    routers = [m for m in model.modules() if type(m).__name__ == "BitRouter"]
+    assert len(routers) == 2
+    assert [n for n, _ in model.named_buffers() if n.endswith("expert_bias")] == [
+        "blocks.0.ffn.router.expert_bias", "blocks.1.ffn.router.expert_bias"]
+    inputs, _ = token_batch(2)
+    balancer = balancing.BiasBalancer(model)
+    assert balancer.active
+    aux = model(inputs).moe_aux
+    balancer.add(aux)
+    balancer.step()
+    for router, layer_aux in zip(routers, aux):
+        counts = layer_aux.tokens_per_expert.double()
+        expected = 1e-3 * torch.sign(counts.mean() - counts).float()
+        torch.testing.assert_close(router.expert_bias, expected, rtol=0, atol=0)
+    # A large bias on one expert takes over the selection of every unit.
+    with torch.no_grad():
+        routers[0].expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    first = model(inputs).moe_aux[0].tokens_per_expert
+    assert float(first[3]) == inputs.numel() * 2  # h = 2 sub-tokens, each picks expert 3 first

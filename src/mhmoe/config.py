@@ -329,11 +329,6 @@ class ModelConfig:
         checks.non_negative_number("seq_aux_loss_weight", self.seq_aux_loss_weight)
         if self.bitnet is not None and not isinstance(self.bitnet, BitNetConfig):
             raise ValueError(f"bitnet={self.bitnet!r}: must be a BitNetConfig or None")
-        if (self.bitnet is not None and self.bitnet.quantize_router and self.moe_ffn is not None
-                and self.moe_ffn.load_balancing == "aux-free"):
-            # BitNet's quantised router has no selection bias: the balancing would be lost.
-            raise ValueError("moe_ffn.load_balancing='aux-free' needs a full-precision router: "
-                             "bitnet.quantize_router must be false")
         if self.approx_parameters() > MAX_PARAMETERS:
             raise ValueError(
                 f"model config (vocab_size={self.vocab_size}, d_model={self.d_model}, "

@@ -262,6 +262,10 @@ def top_k_experts(probs_NE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, tor
     return probs_NE.gather(1, expert_ids_NK), expert_ids_NK
 
 
+SMALL_ROUTING_ELEMENTS = 4096
+"""Routing problems with at most this many N x E probabilities take the plain argmax rounds."""
+
+
 def _top_k_ids(probs_NE: torch.Tensor, top_k: int) -> torch.Tensor:
     """ids_NK of the k largest probabilities of each row, in descending order (no gradient).
 
@@ -274,7 +278,10 @@ def _top_k_ids(probs_NE: torch.Tensor, top_k: int) -> torch.Tensor:
         probs_NE = probs_NE.detach()
         if probs_NE.device.type != "cpu" or top_k > 4:
             return torch.topk(probs_NE, top_k, dim=-1).indices
-        if probs_NE.dtype == torch.float32 and not torch.compiler.is_compiling():
+        # At decoding sizes the packed keys' fixed cost dominates: argmax rounds take 13 vs
+        # 145 us at (N, E, K) = (1, 8, 1) and 56 vs 416 us at (3, 96, 3) (CPU time, this CPU).
+        small = probs_NE.shape[0] * probs_NE.shape[1] <= SMALL_ROUTING_ELEMENTS
+        if probs_NE.dtype == torch.float32 and not small and not torch.compiler.is_compiling():
             return _top_k_ids_packed(probs_NE, top_k)
         return _top_k_ids_argmax(probs_NE, top_k)
 
