@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import mhmoe.hf as mhmoe_hf
 from mhmoe.cli import main
-from mhmoe.config import BitNetConfig, ModelConfig
+from mhmoe.config import BitNetConfig, DenseConfig, ModelConfig, MoEConfig
 from mhmoe.hf.export import REQUIRED_FILES, ExportError, check_export_dir, export_model, load_hf_export
 from mhmoe.hf.remote_code import remote_code_files
 from mhmoe.model import TransformerLM, lm_loss
@@ -486,6 +487,24 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(hf, export_dir
     with pytest.raises(ValueError, match="use_reentrant=True: not supported"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.train()(ids)
+
+
+def test_checkpointing_every_n_layers_is_refused_naming_the_value(hf):
+    """mhmoe models checkpoint every block: another every_n_layers is an error, not ignored."""
+    torch.manual_seed(0)
+    lm = TransformerLM(ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_attention_heads=2, max_seq_len=16,
+                                   dense_ffn=DenseConfig(32, 64), moe_every=1,
+                                   moe_ffn=MoEConfig(32, num_experts=4, top_k=2, d_expert=16, num_heads=2)))
+    model = mhmoe_hf.MHMoEForCausalLM.from_mhmoe(lm)
+    with pytest.raises(ValueError, match=r"every_n_layers=2: mhmoe models checkpoint every block"):
+        model.activation_checkpointing_enable(every_n_layers=2)
+    assert not model.model.gradient_checkpointing
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"every_n_layers=3"):
+        model.gradient_checkpointing_enable(every_n_layers=3)  # the deprecated name
+    model.activation_checkpointing_enable(every_n_layers=1)
+    assert model.model.gradient_checkpointing
+    model.activation_checkpointing_disable()
+    assert not model.model.gradient_checkpointing
 
 
 def test_generate_clamps_to_the_context_with_a_clear_warning(hf, export_dir, caplog):

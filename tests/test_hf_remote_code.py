@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from mhmoe.cli import main
 from mhmoe.config import BitNetConfig, DenseConfig, ModelConfig, MoEConfig
+from mhmoe.data.tokenizer import train_tokenizer
 from mhmoe.decoding import generate_tokens
 from mhmoe.hf.export import export_model
 from mhmoe.hf.remote_code import AUTO_MAP, RemoteCodeError, _generate, remote_code_files
@@ -31,6 +32,10 @@ from mhmoe.model import TransformerLM
 from mhmoe.runs.checkpoint import load_run
 
 pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM
+
+from mhmoe.hf.modeling import MHMoEForCausalLM
 
 WORDS = "the sea is calm and blue ships sail over waves under a bright sky while birds fly home".split()
 PROMPT = "The sea is calm and"
@@ -137,11 +142,13 @@ def test_generated_modeling_code_equals_the_package_source(exports):
     files = remote_code_files()
     assert {"configuration_mhmoe.py", "modeling_mhmoe.py", "mhmoe_model.py", "mhmoe_layers_moe.py"} <= set(files)
     for folder in (root / "run", root / "bitnet_mhmoe_h2"):
-        written = {p.name: p.read_text(encoding="utf-8") for p in folder.glob("*.py")}
-        assert written == files  # no drift: the folder holds exactly what the package generates now
+        # The export writes every generated file and no other .py file (the same generator made
+        # both, so this checks the writing, not drift).
+        assert sorted(p.name for p in folder.glob("*.py")) == sorted(files)
         config = json.loads((folder / "config.json").read_text())
         assert config["auto_map"] == AUTO_MAP
-    # Each file is its package module with only the mhmoe imports rewritten.
+    # The drift check: each file is its package module, as it is now on disk, with only the
+    # mhmoe imports rewritten.
     package = Path(__import__("mhmoe").__file__).parent
     for name, source in files.items():
         tree = ast.parse(source)
@@ -162,6 +169,13 @@ def test_generated_modeling_code_equals_the_package_source(exports):
     ("import mhmoe.model\n", r"import mhmoe.model.*'import mhmoe.x.y as z'"),
     ("from .model import TransformerLM\n", r"relative import 'from .model import"),
     ("x = 1; from mhmoe.model import TransformerLM\n", r"put the mhmoe import on lines of its own"),
+    # Modules named by strings would not be rewritten (nor copied): refused outside __name__ guards.
+    ("import importlib\nmoe = importlib.import_module('mhmoe.layers.moe')\n",
+     r"probe.py:2: the string 'mhmoe.layers.moe' names an mhmoe module"),
+    ("def load(name):\n    return __import__(f'mhmoe.layers.{name}')\n",
+     r"probe.py:2: the string 'mhmoe.layers.' names an mhmoe module"),
+    ("if __name__ == 'mhmoe.probe':\n    pass\nPATH = 'mhmoe.model.TransformerLM'\n",
+     r"probe.py:3: the string 'mhmoe.model.TransformerLM'"),
 ])
 def test_unsupported_import_forms_are_refused(tmp_path, monkeypatch, source, rule):
     probe = tmp_path / "probe.py"
@@ -170,6 +184,92 @@ def test_unsupported_import_forms_are_refused(tmp_path, monkeypatch, source, rul
     monkeypatch.setattr("mhmoe.hf.remote_code._package_root", lambda: tmp_path)
     with pytest.raises(RemoteCodeError, match=rule):
         _generate("mhmoe.probe")
+
+
+def test_module_strings_inside_a_name_guard_are_kept(tmp_path, monkeypatch):
+    """A ``__name__`` guard (code that runs only in the package) and a docstring may name mhmoe
+    modules: the copy keeps them unchanged, as the guards of mhmoe.hf.modeling / configuration."""
+    probe = tmp_path / "probe.py"
+    source = ('"""mhmoe.probe: a docstring may name modules."""\n'
+              "import importlib\n"
+              "if __name__ == 'mhmoe.probe':\n"
+              "    generator = importlib.import_module('mhmoe.hf.remote_code')\n")
+    probe.write_text(source)
+    monkeypatch.setattr("mhmoe.hf.remote_code._source_path", lambda module: probe)
+    monkeypatch.setattr("mhmoe.hf.remote_code._package_root", lambda: tmp_path)
+    text, needed = _generate("mhmoe.probe")
+    assert text.splitlines(keepends=True)[2:] == source.splitlines(keepends=True) and needed == []
+
+
+def test_export_cli_reports_a_remote_code_failure_in_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """A package source that the remote-code copy cannot carry fails ``mhmoe export`` with exit
+    status 2 and one line (RemoteCodeError is an ExportError, a ValueError), writing nothing."""
+    def refuse() -> dict[str, str]:
+        raise RemoteCodeError("mhmoe/model.py:3: the string 'mhmoe.layers.moe' names an mhmoe module")
+
+    monkeypatch.setattr("mhmoe.hf.export.remote_code_files", refuse)
+    out = tmp_path / "out"
+    assert main(["export", str(run_dir), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "mhmoe export: error: mhmoe/model.py:3: the string 'mhmoe.layers.moe' names an mhmoe module")
+    assert not out.exists()
+
+
+def test_save_pretrained_of_a_package_model_loads_without_mhmoe(tmp_path):
+    """``save_pretrained`` of a model of the package (loaded from an export with mhmoe imported,
+    or built with ``from_mhmoe``, whose config had no auto_map) writes the generated modeling
+    files and auto_map: the folder loads where mhmoe cannot be imported, with equal logits."""
+    tokenizer = train_tokenizer([_text(50)], 300)
+    torch.manual_seed(0)
+    lm = TransformerLM(_variants(tokenizer.vocab_size)["mhmoe_h3_shared_aux_free"]).eval()
+    export_model(lm, tokenizer, tmp_path / "export")
+    models = {"loaded": AutoModelForCausalLM.from_pretrained(tmp_path / "export"),  # mhmoe's own class
+              "from_mhmoe": MHMoEForCausalLM.from_mhmoe(lm)}
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    references = {}
+    files = remote_code_files()
+    for name, model in models.items():
+        assert type(model).__module__ == "mhmoe.hf.modeling"
+        model.save_pretrained(tmp_path / name)
+        assert sorted(p.name for p in (tmp_path / name).glob("*.py")) == sorted(files)
+        assert json.loads((tmp_path / name / "config.json").read_text())["auto_map"] == AUTO_MAP
+        assert not list((tmp_path / name).glob(".*"))  # no temporary files left behind
+        with torch.no_grad():
+            references[name] = model.eval()(ids).logits
+    code = textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM
+        for name in {sorted(models)!r}:
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True)
+            assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor({ids.tolist()!r})).logits
+            save_file({{"logits": logits.contiguous()}}, name + "-logits.safetensors")
+    """)
+    result = run_isolated(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name, reference in references.items():
+        logits = load_file(str(tmp_path / f"{name}-logits.safetensors"))["logits"]
+        assert torch.equal(logits, reference), (name, float((logits - reference).abs().max()))
+
+
+def test_save_pretrained_push_to_hub_uploads_after_writing_the_modeling_code(tmp_path, monkeypatch):
+    """transformers uploads inside save_pretrained, before the modeling files would exist: the
+    override saves locally, then hands the upload to push_to_hub (which saves again, with them)."""
+    torch.manual_seed(0)
+    model = MHMoEForCausalLM.from_mhmoe(TransformerLM(_variants(64)["dense"]))
+    pushed = []
+
+    def push_to_hub(repo_id, **options):
+        assert (tmp_path / "model" / "modeling_mhmoe.py").is_file()  # the local folder is complete
+        pushed.append((repo_id, options))
+
+    monkeypatch.setattr(model, "push_to_hub", push_to_hub)
+    model.save_pretrained(tmp_path / "model", push_to_hub=True, repo_id="someone/mhmoe-tiny", commit_message="tiny")
+    assert pushed == [("someone/mhmoe-tiny", {"token": None, "max_shard_size": "50GB", "commit_message": "tiny"})]
 
 
 def test_every_variant_loads_without_mhmoe_with_identical_logits(exports):

@@ -6,20 +6,22 @@ from __future__ import annotations
 import copy
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mhmoe.cli import main
+from mhmoe.cli import build_parser, main
+from mhmoe.cli.options import run_options_from_args
 from mhmoe.model import TransformerLM, lm_loss
 from mhmoe.runs import checkpoint as ckpt
 from mhmoe.runs.metrics import MetricsLog, read_metrics
 from mhmoe.training.config import TrainConfig
 from mhmoe.training.loop import build_optimizer
 from mhmoe.training.presets import model_config
-from mhmoe.training.run import RunOptions, run_training
+from mhmoe.training.run import RunOptions, _compare_for_resume, run_training
 from mhmoe.training.schedules import learning_rate
 
 WORDS = (
@@ -404,3 +406,48 @@ def test_aux_free_bias_resumes_bit_exactly(corpus, data_dir, tmp_path):
     line = [r for r in read_metrics(full / "metrics.jsonl") if "loss" in r][-1]
     assert line["routing/layer0/expert_bias_max"] >= line["routing/layer0/expert_bias_min"]
     assert "routing/layer0/load_cv" in line
+
+
+def test_resume_accepts_a_config_without_activation_checkpointing_and_turning_it_on(corpus, data_dir, tmp_path):
+    """Runs started before ``--activation-checkpointing`` existed have no such key in
+    config.json; resuming them, with or without the option, is allowed (it does not change the
+    results: the losses are those of an uninterrupted run)."""
+    full = tmp_path / "full"
+    assert main(train_args(corpus, data_dir, full, "--max-steps", "4")) == 0
+    split = tmp_path / "split"
+    assert main(train_args(corpus, data_dir, split, "--max-steps", "4", "--save-every", "2",
+                           "--stop-at-step", "2")) == 0
+    config = json.loads((split / ckpt.CONFIG_FILE).read_text())
+    del config["train"]["activation_checkpointing"]  # as written before the option existed
+    (split / ckpt.CONFIG_FILE).write_text(json.dumps(config))
+    assert main(train_args(corpus, data_dir, split, "--max-steps", "4", "--save-every", "2", "--resume",
+                           "--activation-checkpointing")) == 0
+    assert json.loads((split / ckpt.CONFIG_FILE).read_text())["train"]["activation_checkpointing"] is True
+    assert training_losses(split) == training_losses(full)
+    assert ckpt.read_checkpoint_state(ckpt.latest_checkpoint(split))["finished"]
+
+
+def test_resume_comparison_reads_a_missing_train_key_as_its_default(tmp_path):
+    """A TrainConfig field added after a run started is missing from its config.json: it
+    compares equal to the field's default, and differs from any other value."""
+    model = model_config("tiny", "mhmoe_h2", vocab_size=64).to_dict()
+    new_train = TrainConfig(total_steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=1).to_dict()
+    old_train = {k: v for k, v in new_train.items() if k not in ("weight_decay", "activation_checkpointing")}
+    old = {"preset": "tiny", "variant": "mhmoe_h2", "data": {}, "model": model, "train": old_train}
+    _compare_for_resume(old, {**old, "train": new_train}, tmp_path)  # the defaults: equal
+    _compare_for_resume(old, {**old, "train": {**new_train, "activation_checkpointing": True}}, tmp_path)
+    with pytest.raises(ValueError, match=r"weight_decay \(0\.01 -> 0\.5\)"):
+        _compare_for_resume(old, {**old, "train": {**new_train, "weight_decay": 0.5}}, tmp_path)
+
+
+@pytest.mark.parametrize(("argv0", "recorded"), [
+    ("/venv/bin/mhmoe", True),                                 # the console script
+    ("/work/src/mhmoe/__main__.py", True),                     # python -m mhmoe (torchrun -m mhmoe)
+    ("/work/src/mhmoe/cli/__main__.py", True),                 # python -m mhmoe.cli
+    ("/work/notebook.py", False),                              # called from a Python program
+])
+def test_the_train_command_line_is_recorded_for_every_way_to_run_mhmoe(monkeypatch, argv0, recorded):
+    argv = ["train", "--preset", "tiny", "--max-steps", "3", "--out", "/tmp/never-written"]
+    monkeypatch.setattr(sys, "argv", [argv0, *argv])
+    options = run_options_from_args(build_parser().parse_args(argv))
+    assert options.command == (["mhmoe", *argv] if recorded else None)

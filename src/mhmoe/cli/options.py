@@ -232,6 +232,14 @@ def add_variant_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-merge-layer", action="store_true", help="MH-MoE without the merge layer (paper Table 5)")
 
 
+def _run_as_mhmoe() -> bool:
+    """Whether this process is the mhmoe command: the console script, ``python -m mhmoe`` or
+    ``python -m mhmoe.cli`` (the same program, so the run records ``mhmoe ...``)."""
+    parts = Path(sys.argv[0]).parts if sys.argv and sys.argv[0] else ()
+    return parts[-1:] == ("mhmoe",) or parts[-2:] == ("mhmoe", "__main__.py") or parts[-3:] == (
+        "mhmoe", "cli", "__main__.py")
+
+
 def run_options_from_args(args: argparse.Namespace, **overrides):
     """RunOptions from parsed ``train``/``reproduce`` arguments: every option whose argparse
     destination is a RunOptions field is passed by name (so a new option is one argparse line
@@ -240,7 +248,7 @@ def run_options_from_args(args: argparse.Namespace, **overrides):
     fields.update(
         data=flatten(args.data) or ["stdlib"],
         eval=parse_eval_specs(args.eval),
-        command=["mhmoe", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name == "mhmoe" else None,
+        command=["mhmoe", *sys.argv[1:]] if _run_as_mhmoe() else None,
     )
     fields.update(overrides)
     return RunOptions(**fields)

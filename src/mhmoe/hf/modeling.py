@@ -40,10 +40,11 @@ Routing outputs (``output_router_logits=True``):
   dropping, padding tokens included): one entry per MoE layer, in block order;
 * ``aux_loss`` (above).
 
-Gradient (activation) checkpointing: ``model.gradient_checkpointing_enable()`` (or
-``TrainingArguments(gradient_checkpointing=True)``) recomputes each block in the backward pass
-(``torch.utils.checkpoint``, non-reentrant; the KV cache is off meanwhile); logits, losses and
-gradients are those of the plain forward. ``every_n_layers`` is not supported (every block).
+Gradient (activation) checkpointing: ``model.activation_checkpointing_enable()`` (the deprecated
+``gradient_checkpointing_enable()``, or ``TrainingArguments(gradient_checkpointing=True)``)
+recomputes each block in the backward pass (``torch.utils.checkpoint``, non-reentrant; the KV
+cache is off meanwhile); logits, losses and gradients are those of the plain forward. Every
+block is checkpointed: ``every_n_layers`` other than 1 raises ValueError.
 
 Generation: ``generate`` keeps prompt + new tokens within ``max_position_embeddings``: a longer
 request is clamped to the context, with a warning naming ``max_new_tokens`` and the context.
@@ -51,7 +52,9 @@ request is clamped to the context, with a warning naming ``max_new_tokens`` and 
 PEFT: LoRA on the ``nn.Linear`` layers works through their module calls; LoRA on parameters
 (``target_parameters``: the router weight, the stacked ``experts.w1/w3/w2``) through
 ``parameter_adapters_active``, which puts the wrapped modules back, adapted, for the forward
-pass (``mhmoe.hf.peft``: the default targets, and a merge that refuses BitNet models).
+pass, under a per-model lock (one adapted forward at a time per model; the wrappers are put back
+also on errors). ``mhmoe.hf.peft``: the default targets, and a merge that refuses LoRA on
+BitNet linear layers (``inexact_bitnet_adapters``).
 
 An export folder carries a copy of this module as ``modeling_mhmoe.py`` (``mhmoe.hf.remote_code``).
 """
@@ -59,8 +62,11 @@ An export folder carries a copy of this module as ``modeling_mhmoe.py`` (``mhmoe
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +101,13 @@ from mhmoe.model import TransformerLM
 
 logger = logging.getLogger(__name__)
 
+# The generator of an export folder's modeling code, in the package only: a folder's copy of this
+# module (``mhmoe.hf.remote_code``) is saved by transformers' own remote-code path, which copies
+# the folder's files (``custom_object_save``). Imported by name relative to this package, so that
+# the copy neither needs nor carries it.
+_remote_code: Any = None
+if __name__ == "mhmoe.hf.modeling":
+    _remote_code = importlib.import_module(".remote_code", __package__)
 
 # transformers renamed the cache argument/field from `past_key_values` to `cache` during 5.x.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -226,6 +239,46 @@ class MHMoEPreTrainedModel(PreTrainedModel):
         elif "RMSNorm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter):
             init.ones_(module.weight)
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None,
+                                    every_n_layers: int = 1, **kwargs: Any) -> None:
+        """transformers' switch behind ``activation_checkpointing_enable`` / ``_disable``; only
+        ``every_n_layers=1`` (every block is recomputed): ValueError naming any other value."""
+        if enable and every_n_layers != 1:
+            raise ValueError(
+                f"activation checkpointing with every_n_layers={every_n_layers!r}: mhmoe models "
+                "checkpoint every block; call activation_checkpointing_enable() without every_n_layers"
+            )
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """transformers' ``save_pretrained``, plus the folder's own modeling code.
+
+        A model of the package (loaded from an export with mhmoe imported, or built with
+        ``MHMoEForCausalLM.from_mhmoe``) writes the generated ``configuration_mhmoe.py``,
+        ``modeling_mhmoe.py`` and ``mhmoe_*.py`` files and config.json's ``auto_map``
+        (``mhmoe.hf.remote_code.write_remote_code``, each file atomically), so the saved folder
+        loads with ``trust_remote_code=True`` where mhmoe is not installed, as an export does.
+        ``push_to_hub=True`` then uploads with ``push_to_hub``, which saves (this method) again.
+        A model of a folder's copy is saved by transformers itself, which copies those files.
+        """
+        if _remote_code is None:
+            super().save_pretrained(save_directory, *args, **kwargs)
+            return
+        files = _remote_code.remote_code_files()  # fails before anything is written
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        hub = {name: kwargs.pop(name) for name in ("repo_id", "commit_message", "create_pr", "private")
+               if name in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        rank_saves = getattr(self, "should_save_on_this_rank", None)  # transformers >= 5.x: also TP ranks
+        if (rank_saves(is_main_process) if rank_saves else is_main_process) and os.path.isdir(save_directory):
+            _remote_code.write_remote_code(save_directory, files)
+            if push_to_hub:
+                self.push_to_hub(hub.pop("repo_id", Path(save_directory).name), token=kwargs.get("token"),
+                                 max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args: Any, **kwargs: Any):
         """transformers' ``from_pretrained``, with a clear error for incomplete local exports.
@@ -290,8 +343,27 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return module
 
 
+# One re-entrant lock per model (the module given as ``owner``): the swap below changes the
+# module tree in place, so two threads must not forward one adapted model at the same time.
+# Kept beside the modules, not on them (a lock attribute would break copy.deepcopy and pickling).
+_ADAPTER_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_ADAPTER_LOCKS_GUARD = threading.Lock()
+
+
+def _adapter_lock(owner: nn.Module) -> threading.RLock:
+    with _ADAPTER_LOCKS_GUARD:
+        lock = _ADAPTER_LOCKS.get(owner)
+        if lock is None:
+            lock = _ADAPTER_LOCKS[owner] = threading.RLock()
+        return lock
+
+
+def _put_back(parent: nn.Module, name: str, child: nn.Module) -> None:
+    parent._modules[name] = child
+
+
 @contextlib.contextmanager
-def parameter_adapters_active(root: nn.Module) -> Iterator[None]:
+def parameter_adapters_active(root: nn.Module, owner: nn.Module | None = None) -> Iterator[None]:
     """Within: every PEFT parameter wrapper under ``root`` replaced by the mhmoe module it wraps,
     with its LoRA delta applied to that module's parameter (PEFT's own parametrisation).
 
@@ -299,45 +371,65 @@ def parameter_adapters_active(root: nn.Module) -> Iterator[None]:
     (``forward_one``, ``num_experts``, the stacked weights of the grouped and blocked paths),
     which a ``ParamWrapper`` does not have; so, as PEFT does inside the wrapper's forward, the
     adapted weight W + dW is put on the module itself, for the whole forward pass. Adapters that
-    are disabled or merged add nothing. The wrappers are back in place on exit.
+    are disabled or merged add nothing. The wrappers are back in place on exit, also when
+    activating an adapter raises (each put-back is registered before its swap).
+
+    Thread safety: the swap edits the module tree, so the context holds ``owner``'s lock (a
+    re-entrant lock per model; ``owner`` defaults to ``root``): forwards of one adapted model
+    from several threads run one at a time. The lock is held only while the context is open; a
+    checkpointed block's recompute in the backward pass (in the caller's thread on CPU, in
+    autograd's device thread on CUDA) takes it anew, never while the forward holds it.
     """
-    with contextlib.ExitStack() as stack:
-        swapped = []
+    with _adapter_lock(root if owner is None else owner), contextlib.ExitStack() as stack:
         for parent in list(root.modules()):
             if _is_parameter_adapter(parent):  # a nested wrapper: handled with its outermost one
                 continue
             for name, child in list(parent._modules.items()):
                 if not _is_parameter_adapter(child):
                     continue
+                # Registered first, so it runs last: after every adapter of this chain is undone.
+                stack.callback(_put_back, parent, name, child)
                 wrapper = child
                 while _is_parameter_adapter(wrapper):  # one wrapper per parameter (w1, w3, w2): nested
                     if not wrapper.disable_adapters and not wrapper.merged:
                         stack.enter_context(wrapper._activate_lora(wrapper.active_adapters))
                     wrapper = wrapper.base_layer
                 parent._modules[name] = wrapper
-                swapped.append((parent, name, child))
-        try:
-            yield
-        finally:
-            for parent, name, child in swapped:
-                parent._modules[name] = child
+        yield
 
 
-def _warn_if_lora_on_bitnet(model: "MHMoEModel") -> None:
-    """Warn (once per model) when PEFT adapters sit on BitNet modules: merging them is not exact."""
-    modules = dict(model.named_modules())
-    quantised = {id(modules[name]) for name in bitnet_modules(model)}
+def inexact_bitnet_adapters(model: nn.Module) -> list[str]:
+    """Names of the PEFT module adapters of ``model`` that sit on a BitNet module (BitLinear):
+    the adapters whose merge is not exact.
+
+    A module adapter (``peft.tuners.lora.Linear`` wrapping a BitLinear) adds its full-precision
+    delta to the quantised layer's output; merging folds it into the latent weight, which the
+    forward then re-quantises, so the merged model is another model. A parameter adapter
+    (``target_parameters``: BitExperts' ``w1/w3/w2``, a quantised router's weight) puts W + dW
+    on the module before the module quantises it, so the merged model computes the same.
+    """
+    names = set(bitnet_modules(model))
+    quantised = {id(module) for name, module in model.named_modules() if name in names}
     adapted = []
     for name, module in model.named_modules():
+        if _is_parameter_adapter(module) or "lora_A" not in module._modules:
+            continue
         base = module
         while isinstance(getattr(base, "base_layer", None), nn.Module):
             base = base.base_layer
-        if base is not module and id(base) in quantised and hasattr(module, "lora_A"):
+        if base is not module and id(base) in quantised:
             adapted.append(name)
+    return adapted
+
+
+def _warn_if_lora_on_bitnet(model: "MHMoEModel") -> None:
+    """Warn (once per model) when PEFT module adapters sit on BitNet modules: merging them is
+    not exact (``inexact_bitnet_adapters``)."""
+    adapted = inexact_bitnet_adapters(model)
     if adapted:
         model._warned_lora_on_bitnet = True
         logger.warning(
-            "LoRA adapters on BitNet modules (%s%s): do not call merge_and_unload(), it folds the "
+            "LoRA adapters on BitNet linear layers (%s%s): do not call merge_and_unload(), it folds the "
             "full-precision delta into the latent weights, which are then re-quantised, and silently "
             "changes the model; keep the adapters unmerged (mhmoe.hf.peft.merge_lora refuses)",
             ", ".join(adapted[:3]), ", ..." if len(adapted) > 3 else "")
@@ -351,11 +443,12 @@ def _peft_attached(model: nn.Module) -> bool:
 
 
 def _block_forward(
-    x_BTD: torch.Tensor, block: nn.Module, rotary: nn.Module, adapters: bool, **kwargs: Any
+    x_BTD: torch.Tensor, block: nn.Module, rotary: nn.Module, adapters: bool, owner: nn.Module, **kwargs: Any
 ) -> DecoderOutput:
     """``decoder_forward`` over one block (the unit of gradient checkpointing); its PEFT adapters
-    are activated inside, so that the backward pass's recompute sees them too."""
-    with parameter_adapters_active(block) if adapters else contextlib.nullcontext():
+    are activated inside (under ``owner``'s lock), so that the backward pass's recompute sees
+    them too."""
+    with parameter_adapters_active(block, owner) if adapters else contextlib.nullcontext():
         return decoder_forward(x_BTD, [block], _IDENTITY, rotary, **kwargs)
 
 
@@ -454,16 +547,22 @@ class MHMoEModel(MHMoEPreTrainedModel):
         router_logits: list[torch.Tensor] = []
         handles = []
         if output_router_logits:
+            # The hooks sit on modules shared by every thread: each forward keeps its own calls.
+            thread = threading.get_ident()
+
+            def keep_router_logits(_module: nn.Module, _inputs: Any, out: Any) -> None:
+                if threading.get_ident() == thread:
+                    router_logits.append(out.logits_NE)
+
             for block in self.layers:
                 if block.is_moe:
-                    handles.append(_unwrapped(block.ffn.router).register_forward_hook(
-                        lambda _m, _i, out: router_logits.append(out.logits_NE)))
+                    handles.append(_unwrapped(block.ffn.router).register_forward_hook(keep_router_logits))
         try:
             if checkpointing:
                 out = self._checkpointed_forward(inputs_embeds, attention_mask, position_ids, output_hidden_states,
                                                  adapters)
             else:
-                with parameter_adapters_active(self.layers) if adapters else contextlib.nullcontext():
+                with parameter_adapters_active(self.layers, self) if adapters else contextlib.nullcontext():
                     out = decoder_forward(
                         inputs_embeds, self.layers, self.norm, self.rotary,
                         attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -521,7 +620,7 @@ class MHMoEModel(MHMoEPreTrainedModel):
         moe_aux = []
         x_BTD = inputs_embeds
         for block in self.layers:
-            out = checkpoint(_block_forward, x_BTD, block, self.rotary, adapters,
+            out = checkpoint(_block_forward, x_BTD, block, self.rotary, adapters, self,
                              attention_mask=attention_mask, position_ids=position_ids)
             x_BTD = out.hidden_BTD
             moe_aux.extend(out.moe_aux)

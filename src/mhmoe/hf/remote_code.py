@@ -26,15 +26,26 @@ with the pattern ``from .name import``; ``from . import name`` alone would not b
 
 Importing names from a package's ``__init__`` (``from mhmoe import MoEConfig``), ``import
 mhmoe.x`` without ``as`` and relative imports are refused (``RemoteCodeError``): a new import
-of such a form in the closure fails the export and its test rather than the user's load.
+of such a form in the closure fails the export and its test rather than the user's load. So
+is a string constant that starts with ``mhmoe.`` (``importlib.import_module("mhmoe.x")``,
+``patch("mhmoe.x.y")``): a module named by a string is not rewritten and would not be copied.
+The one place for such strings is a ``__name__`` guard (``if __name__ == "mhmoe.hf.modeling":``,
+its test and body), code that runs only in the package, never in a folder's copy.
+
+``save_pretrained`` of the package's models writes these files too (``write_remote_code``), so a
+folder saved by transformers from a model of the package loads where mhmoe is not installed.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import os
 from pathlib import Path
 
+from mhmoe.hf.naming import ExportError
+from mhmoe.runs.atomic import atomic_write_json, atomic_write_text
 from mhmoe.version import __version__
 
 PACKAGE = "mhmoe"
@@ -51,8 +62,9 @@ AUTO_MAP: dict[str, str] = {
 }
 
 
-class RemoteCodeError(RuntimeError):
-    """The package source uses an import form that the flat remote-code copy cannot carry."""
+class RemoteCodeError(ExportError):
+    """The package source uses an import form that the flat remote-code copy cannot carry
+    (an ``ExportError``, so a ValueError: the CLI prints it as one line)."""
 
 
 def flat_file_name(module: str) -> str:
@@ -119,6 +131,30 @@ def _mhmoe_imports(module: str, tree: ast.Module) -> list[tuple[ast.stmt, list[t
     return found
 
 
+def _is_name_guard(node: ast.AST) -> bool:
+    """Whether ``node`` is ``if __name__ == "...":`` (code for the package or the copy only)."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
+def _check_module_strings(path: Path, tree: ast.Module) -> None:
+    """Refuse string constants naming mhmoe modules outside ``__name__`` guards (module docstring)."""
+    guarded: set[int] = set()
+    for node in ast.walk(tree):
+        if _is_name_guard(node):
+            guarded.update(id(inner) for inner in ast.walk(node))
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # a docstring: inert
+            guarded.add(id(node.value))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and node.value.startswith(PACKAGE + ".") and id(node) not in guarded):
+            raise RemoteCodeError(
+                f"{path}:{node.lineno}: the string {node.value[:60]!r} names an mhmoe module, which the "
+                "export's flat copy of this file would not rewrite: import the module with a "
+                "'from mhmoe.x import y' statement, or keep the string inside an 'if __name__ == ...' guard"
+            )
+
+
 def _rewritten(node: ast.stmt, targets: list[tuple[str, str | None, str | None]], indent: str) -> list[str]:
     lines = []
     names = [f"{name} as {alias}" if alias else name for target, name, alias in targets if name is not None]
@@ -139,6 +175,7 @@ def _generate(module: str) -> tuple[str, list[str]]:
         raise RemoteCodeError(f"{module}: no Python source file to copy into an export")
     text = path.read_text(encoding="utf-8")
     tree = ast.parse(text, filename=str(path))
+    _check_module_strings(path, tree)
     lines = text.splitlines(keepends=True)
     replacements: dict[int, tuple[int, list[str]]] = {}
     needed: list[str] = []
@@ -186,3 +223,27 @@ def remote_code_files() -> dict[str, str]:
         files[flat_file_name(module)] = source
         pending.extend(needed)
     return dict(sorted(files.items()))
+
+
+def write_remote_code(folder: str | os.PathLike, files: dict[str, str] | None = None) -> list[str]:
+    """Write the generated modeling files (``remote_code_files()``, or ``files``) into ``folder``
+    and set ``AUTO_MAP`` as config.json's "auto_map" (other keys kept), each file atomically.
+
+    The code files come first, config.json last, so a folder whose config names the code holds
+    it. Returns the names written. RemoteCodeError (before writing) when the files cannot be
+    generated; ExportError when config.json is missing or not a JSON object.
+    """
+    folder = Path(folder)
+    files = remote_code_files() if files is None else files
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{config_path}: cannot add the auto_map of the modeling code ({err})") from err
+    if not isinstance(config, dict):
+        raise ExportError(f"{config_path}: not a JSON object, cannot add the auto_map of the modeling code")
+    for name, source in files.items():
+        atomic_write_text(folder / name, source)
+    config["auto_map"] = {**config.get("auto_map", {}), **AUTO_MAP}
+    atomic_write_json(config_path, config)
+    return [*files, config_path.name]

@@ -15,10 +15,11 @@ from typing import Any
 from mhmoe import checks
 from mhmoe.runtime import DEVICES_HELP, PRECISIONS
 
-# TrainConfig fields that may differ when a run is resumed (they do not change the results).
+# TrainConfig fields that may differ when a run is resumed (they do not change the results;
+# activation checkpointing recomputes the same blocks in the backward pass).
 RESUMABLE_CHANGES = frozenset({
     "save_every", "keep_checkpoints", "log_every", "threads", "device", "eval_batch_size",
-    "max_skipped_steps", "save_minutes", "progress_seconds",
+    "max_skipped_steps", "save_minutes", "progress_seconds", "activation_checkpointing",
 })
 
 DEFAULT_SAVE_MINUTES = 10.0
@@ -170,6 +171,21 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         data["eval_fractions"] = list(self.eval_fractions)
         return data
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """{field: default} as ``to_dict`` writes it, for the fields that have one: the value of
+        a field that a config.json written before the field existed lacks."""
+        defaults = {}
+        for item in dataclasses.fields(cls):
+            if item.default is not dataclasses.MISSING:
+                value = item.default
+            elif item.default_factory is not dataclasses.MISSING:
+                value = item.default_factory()
+            else:
+                continue
+            defaults[item.name] = list(value) if isinstance(value, tuple) else value
+        return defaults
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

@@ -245,6 +245,9 @@ def _compare_for_resume(old: dict[str, Any], new: dict[str, Any], run_dir: Path)
     if ckpt.run_model_config(old) != ckpt.run_model_config(new):
         differences.append("model")
     old_train, new_train = old.get("train", {}), new.get("train", {})
+    # A field added after the run started is missing from its config.json: it had the default.
+    defaults = TrainConfig.field_defaults()
+    old_train = {**{k: v for k, v in defaults.items() if k not in old_train}, **old_train}
     for key in sorted(set(old_train) | set(new_train)):
         if key in RESUMABLE_CHANGES:
             continue
