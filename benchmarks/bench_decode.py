@@ -54,6 +54,7 @@ from mhmoe.config import BitNetConfig
 from mhmoe.decoding import KVCache, decoder_forward, lm_logits
 from mhmoe.layers.mh_moe import MHMoE
 from mhmoe.model import TransformerLM
+from mhmoe.runs.atomic import atomic_write_text
 from mhmoe.training.presets import get_preset, model_config
 
 VARIANTS = ("smoe", "mhmoe_h3")
@@ -443,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + kernel_markdown(report["kernels"]))
     print(f"\nclock: {clock}; load average before/after: {load} / {report['load_average_after']}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        # atomic: an interrupted run never leaves a truncated report for later comparisons
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -12,6 +12,8 @@ from mhmoe.bitnet.convert import to_bitnet
 from mhmoe.config import DenseConfig, MoEConfig
 from mhmoe.decoding import (
     KVCache,
+    _full_rotary_tables,
+    _normal_device,
     _rotary_tables,
     decoder_forward,
     generate_tokens,
@@ -85,3 +87,32 @@ def test_cached_decode_steps_equal_the_full_forward(monkeypatch, bitnet, num_hea
     tokens_cached = list(generate_tokens(model, ids[0, :5].tolist(), 10, temperature=0))
     tokens_full = list(generate_tokens(model, ids[0, :5].tolist(), 10, temperature=0, use_cache=False))
     assert tokens_cached == tokens_full
+
+
+def test_rotary_tables_first_built_in_inference_mode_serve_a_training_forward():
+    torch.manual_seed(0)
+    model = tiny_lm(1)
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        return decoder_forward(model.embed(ids), model.blocks, model.final_norm, model.rotary).hidden_BTD
+
+    with torch.inference_mode():
+        reference = forward()  # the first call builds (and caches) the tables
+    cos, sin = _full_rotary_tables(model.rotary, torch.device("cpu"))
+    assert not cos.is_inference() and not sin.is_inference()
+    hidden = forward()
+    hidden.sum().backward()  # failed: "Inference tensors cannot be saved for backward"
+    assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
+    assert torch.equal(hidden.detach(), reference)
+
+
+def test_rotary_table_key_names_the_device_with_its_index(monkeypatch):
+    rotary = RotaryEmbedding(8, 16)
+    first = _full_rotary_tables(rotary, "cpu")
+    assert _full_rotary_tables(rotary, torch.device("cpu")) is first  # one entry, not rebuilt
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    # "cuda" and "cuda:<current>" are the same device: one key, so they do not evict each other
+    assert _normal_device("cuda") == _normal_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert _normal_device("cuda:0") == torch.device("cuda", 0)
+    assert _normal_device("cpu") == torch.device("cpu")

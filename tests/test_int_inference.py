@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
+from torch.func import functional_call, jvp
+from torch.nn.utils import parametrize
 
 from mhmoe import MHMoE
 from mhmoe import model as model_mod
@@ -31,6 +36,7 @@ from mhmoe.bitnet.ternary import (
     TernaryRouter,
     export_ternary,
     load_ternary,
+    pack_ternary,
 )
 from mhmoe.config import DenseConfig, MoEConfig
 from mhmoe.decoding import generate_tokens
@@ -38,6 +44,8 @@ from mhmoe.layers import moe as moe_mod
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.routing import TopKRouter, update_selection_bias
 from mhmoe.model import lm_loss
+from mhmoe.training.config import TrainConfig
+from mhmoe.training.loop import build_optimizer
 
 BACKENDS = [b for b in integer.INTEGER_BACKENDS if b != "fbgemm" or fbgemm_available()]
 
@@ -375,3 +383,253 @@ def test_quantised_router_keeps_the_aux_free_bias(tmp_path):
         assert torch.equal(loaded_router(x).expert_ids_NK, router(x).expert_ids_NK)
     plain = TopKRouter(8, 6, 2)
     assert BitRouter.from_router(plain).expert_bias is None
+
+
+# ---------------------------------------------------------------------------------- cache validity
+
+
+def test_eval_during_training_with_the_fused_trainer_optimiser_sees_every_step():
+    # The trainer's fused AdamW writes the parameters without bumping their version counters;
+    # the integer eval must still use the updated weights, whether the step is taken in train
+    # mode or, without any train(True) in between, in eval mode.
+    torch.manual_seed(0)
+    model = to_bitnet(tiny_lm(), quantize_router=True)
+    config = TrainConfig(total_steps=10, batch_size=3, seq_len=20, lr=1e-2, warmup_steps=1)
+    optimizer = build_optimizer(model, config)
+    assert optimizer.defaults.get("fused") is True  # the case that went stale
+    ids = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        lm_loss(model(ids).logits[:, :-1], ids[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def evaluate():
+        with torch.no_grad():
+            loss_int = lm_loss(model(ids).logits[:, :-1], ids[:, 1:]).item()
+            with integer_inference(False):
+                loss_float = lm_loss(model(ids).logits[:, :-1], ids[:, 1:]).item()
+        return loss_int, loss_float
+
+    model.eval()
+    first_int, first_float = evaluate()
+    assert abs(first_int - first_float) < 1e-2
+    model.train()
+    for _ in range(3):
+        step()
+    model.eval()
+    trained_int, trained_float = evaluate()
+    assert first_float - trained_float > 0.1  # the steps changed the model
+    assert abs(trained_int - trained_float) < 1e-2
+    for _ in range(3):  # eval mode throughout: only the optimiser-step counter sees these
+        step()
+    last_int, last_float = evaluate()
+    assert trained_float - last_float > 0.1
+    assert abs(last_int - last_float) < 1e-2
+
+
+def test_entering_train_mode_drops_the_cached_integer_weights():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"linear": BitLinear(24, 24), "experts": BitExperts(4, 24, 16)}).eval()
+    x = torch.randn(6, 24)
+    offsets = torch.tensor([2, 2, 5, 6], dtype=torch.int32)
+
+    def forward():
+        return model["experts"](model["linear"](x), offsets)
+
+    with torch.no_grad():
+        stale = forward()
+        assert integer.cached_weights(model["linear"]) and integer.cached_weights(model["experts"])
+        for p in model.parameters():  # invisible to the version counter: only train() can tell
+            if p.dim() >= 2:
+                p.data.mul_(torch.linspace(-1.0, 2.0, p.shape[-1]))
+        model.train()
+        assert not integer.cached_weights(model["linear"]) and not integer.cached_weights(model["experts"])
+        model.eval()
+        out_int = forward()
+        with integer_inference(False):
+            out_float = forward()
+    torch.testing.assert_close(out_int, out_float, rtol=1e-5, atol=1e-5)
+    assert (out_int - stale).abs().max() > 0.1
+
+
+class _Scaled(nn.Module):
+    """A parametrisation w -> w * factor (a new tensor on every access, as PEFT's LoRA deltas)."""
+
+    def __init__(self, out_features):
+        super().__init__()
+        self.factor = nn.Parameter(torch.ones(out_features, 1))
+
+    def forward(self, w):
+        return w * self.factor
+
+
+def test_parametrised_weights_are_never_served_stale():
+    torch.manual_seed(0)
+    layer = BitLinear(32, 16).eval()
+    parametrize.register_parametrization(layer, "weight", _Scaled(16))
+    x = torch.randn(4, 32)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _ in range(6):
+            # recomputed weights are freed after each forward and their address reused, at
+            # version 0: address + version alone took each for the previous one
+            layer.parametrizations.weight[0].factor.copy_(torch.randn(16, 1, generator=generator))
+            out_int = layer(x)
+            with integer_inference(False):
+                out_float = layer(x)
+            torch.testing.assert_close(out_int, out_float, rtol=1e-5, atol=1e-5)
+    assert not integer.cached_weights(layer)
+
+
+def test_peft_target_parameters_never_served_stale():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = to_bitnet(Toy(), quantize_router=False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                             target_parameters=["moe.experts.w1", "moe.experts.w2"])
+    wrapped = peft.get_peft_model(model, config).eval()
+    x = torch.randn(10, 8)
+    lora_b = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
+    assert lora_b
+    with torch.no_grad():
+        for _ in range(5):
+            for p in lora_b:
+                p.add_(torch.randn_like(p))
+            out_int = wrapped(x)[0]
+            with integer_inference(False):
+                out_float = wrapped(x)[0]
+            torch.testing.assert_close(out_int, out_float, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_experts_follow_a_changed_scale():
+    torch.manual_seed(0)
+    experts = TernaryExperts(4, 8, 16).eval()
+    generator = torch.Generator().manual_seed(0)
+    for name, shape in experts.weight_shapes.items():
+        getattr(experts, f"{name}_packed").copy_(pack_ternary(torch.randint(-1, 2, shape, generator=generator)))
+        getattr(experts, f"{name}_scale").uniform_(0.5, 1.5, generator=generator)
+    x = torch.randn(9, 8)
+    offsets = torch.tensor([2, 5, 5, 9], dtype=torch.int32)
+    with torch.no_grad():
+        before = experts(x, offsets)
+        # gamma of the gate projection (the cached fused gate/up scales are a copy of it)
+        experts.w1_scale.mul_(3.0)
+        after = experts(x, offsets)
+        with integer_inference(False):
+            reference = experts(x, offsets)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+    assert (after - before).abs().max() > 1e-2
+
+
+def test_expert_integer_build_concatenates_int8_codes_only(monkeypatch):
+    torch.manual_seed(0)
+    experts = BitExperts(5, 24, 16).eval()
+    assert all(codes.dtype == torch.int8 for codes, _ in experts.expert_codes().values())
+    seen = []
+    real_cat = torch.cat
+
+    def recording_cat(tensors, *args, **kwargs):
+        seen.extend(t.dtype for t in tensors if t.dim() == 3)  # the stacked (E, F, S) codes
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", recording_cat)
+    weights = experts.integer_weights()
+    monkeypatch.undo()
+    assert seen and all(dtype == torch.int8 for dtype in seen)  # no float (E, 2F, S) copy
+    codes_w1, _ = weight_quant_codes(experts.w1, per_expert=True)
+    codes_w3, _ = weight_quant_codes(experts.w3, per_expert=True)
+    fused = torch.cat([codes_w1, codes_w3], dim=1)
+    for e in range(5):  # the int8 form still holds the right codes (int_mm/float keep them)
+        built = integer.Int8Weight(fused[e], "float").codes_OI
+        assert torch.equal(built, fused[e].to(torch.int8))
+    x = torch.randn(7, 24)
+    with torch.no_grad():
+        out_int = experts(x, torch.tensor([1, 3, 3, 6, 7], dtype=torch.int32))
+        with integer_inference(False):
+            out_float = experts(x, torch.tensor([1, 3, 3, 6, 7], dtype=torch.int32))
+    torch.testing.assert_close(out_int, out_float, rtol=1e-5, atol=1e-5)
+    assert len(weights.up) == 5
+
+
+# ---------------------------------------------------------------------------------- AD, dtypes, threads
+
+
+def test_forward_mode_ad_keeps_the_tangent():
+    torch.manual_seed(0)
+    layer = BitLinear(64, 32).eval()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x, tangent = torch.randn(4, 64), torch.randn(4, 64)
+
+    def f(x):
+        return functional_call(layer, params, (x,))
+
+    out, out_tangent = jvp(f, (x,), (tangent,))
+    with integer_inference(False):
+        ref, ref_tangent = jvp(f, (x,), (tangent,))
+    assert ref_tangent.abs().sum() > 0
+    torch.testing.assert_close(out_tangent, ref_tangent, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # no_grad: the weights' requires_grad no longer keeps the float path, the tangent must
+    with torch.no_grad(), forward_ad.dual_level():
+        dual_out = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, tangent)))
+    assert dual_out.tangent is not None
+    torch.testing.assert_close(dual_out.tangent, ref_tangent, rtol=0, atol=0)
+    with torch.no_grad():  # no transform, no dual: the integer path as before
+        assert integer.use_integer_path(layer, x, *layer.gradient_tensors())
+
+
+def test_float64_integer_path_keeps_float64_precision():
+    torch.manual_seed(0)
+    linear = BitLinear(64, 24, bias=True).double().eval()
+    experts = BitExperts(4, 24, 16).double().eval()
+    router = BitRouter.from_router(TopKRouter(24, 4, 2)).double().eval()
+    x = torch.randn(6, 64, dtype=torch.float64)
+    offsets = torch.tensor([1, 3, 3, 6], dtype=torch.int32)
+    with torch.no_grad():
+        h = linear(x)
+        y = experts(h, offsets)
+        with integer_inference(False):
+            h_ref = linear(x)
+            y_ref = experts(h_ref, offsets)
+        routed = router(h)
+        with integer_inference(False):
+            routed_ref = router(h)
+    assert h.dtype == torch.float64 and y.dtype == torch.float64
+    # float32 scaling left ~1e-7 relative error; float64 scaling leaves rounding only
+    assert ((h - h_ref).abs() / h_ref.abs().clamp(min=1e-3)).max() < 1e-13
+    assert ((y - y_ref).abs() / y_ref.abs().clamp(min=1e-3)).max() < 1e-12
+    assert integer.cached_weights(linear)[0].gamma.dtype == torch.float64
+    # the quantised router computes float32 logits on both paths, whatever the input dtype
+    assert routed.logits_NE.dtype == routed_ref.logits_NE.dtype == torch.float32
+    torch.testing.assert_close(routed.logits_NE, routed_ref.logits_NE, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_inference_switch_is_per_thread():
+    entered, checked = threading.Barrier(2), threading.Barrier(2)
+    seen = {}
+
+    def off():
+        with integer_inference(False):
+            entered.wait()
+            checked.wait()  # the other thread is inside its own block now
+            seen["off"] = integer.integer_inference_state()
+        seen["off_after"] = integer.integer_inference_state()
+
+    def float_backend():
+        entered.wait()
+        with integer_inference(True, "float"):
+            seen["float"] = integer.integer_inference_state()
+            seen["float_backend"] = integer.default_backend(torch.device("cpu"))
+            checked.wait()
+
+    threads = [threading.Thread(target=off), threading.Thread(target=float_backend)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert seen == {
+        "off": (False, None), "off_after": (True, None),
+        "float": (True, "float"), "float_backend": "float",
+    }
+    assert integer.integer_inference_state() == (True, None)

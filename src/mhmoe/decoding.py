@@ -79,18 +79,35 @@ _ROTARY_TABLES: weakref.WeakKeyDictionary[RotaryEmbedding, dict[tuple, tuple[tor
 )
 
 
+def _normal_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index ("cuda" -> "cuda:<current>"), so that one device has one key."""
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        backend = getattr(torch, device.type, None)
+        current = getattr(backend, "current_device", None)
+        if current is not None:
+            device = torch.device(device.type, current())
+    return device
+
+
 def _full_rotary_tables(rotary: RotaryEmbedding, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``rotary(max_seq_len)``, computed once per module, device and settings.
 
     Row t of the tables depends on t alone (an outer product, then cos/sin element-wise), so
     rows of the full tables equal those of ``rotary(end)`` bit for bit: a decoding step slices
     them instead of recomputing every position up to ``end`` (what it did before, per step).
+
+    Built outside inference mode (and without autograd): the tables outlive the call, and
+    tensors made under ``torch.inference_mode()`` cannot be saved for backward, so a later
+    training forward through this path would fail on them.
     """
-    key = (str(device), rotary.head_size, rotary.max_seq_len, rotary.base)
+    device = _normal_device(device)
+    key = (device, rotary.head_size, rotary.max_seq_len, rotary.base)
     per_module = _ROTARY_TABLES.setdefault(rotary, {})
     tables = per_module.get(key)
     if tables is None:
-        tables = rotary(rotary.max_seq_len, device)
+        with torch.inference_mode(False), torch.no_grad():
+            tables = rotary(rotary.max_seq_len, device)
         per_module.clear()
         per_module[key] = tables
     return tables

@@ -28,22 +28,40 @@ two scales once, in float32:
 * ``"float"``: the integer codes as float32 operands of a plain matmul (the weight converted per
   call, never kept): exact for the same reason; the fallback and a reference.
 
-``_state`` (the ``integer_inference`` switch) is process-wide, not per thread.
+The ``integer_inference`` switch is a ``contextvars.ContextVar``: a ``with`` block in one thread
+(or asyncio task) does not change what another one runs.
 
 Caches: the integer weights of a module are built once (``integer_weights``) and kept, keyed by
 the module, in a ``WeakKeyDictionary`` (never in the module: they are not state, do not travel
-with ``deepcopy``/``state_dict``, and are rebuilt after the source tensor changes, i.e. after an
-optimiser step on a fake-quant model, detected by the tensor's version counter).
+with ``deepcopy``/``state_dict``). An entry is used only while all of these hold:
+
+* each source tensor is the very object it was built from (a weak reference, so a new tensor
+  that happens to get a freed tensor's address is not mistaken for it), at the same address
+  and version counter (in-place updates through autograd-visible ops bump the counter);
+* no optimiser step was taken since, anywhere in the process (``optimizer_generation``: a
+  global ``torch.optim`` step post-hook; fused/foreach AdamW kernels update parameters without
+  bumping their version counters, so the counter alone misses every training step);
+* the module was not put in train mode since (``train(True)`` drops its entries: evaluation
+  during training rebuilds them);
+* the sources are the module's own registered Parameters/buffers: a parametrised weight
+  (``torch.nn.utils.parametrize``, PEFT ``target_parameters``) is recomputed on every access,
+  so nothing identifies it across calls; such modules build their integer weights per call.
+
+Not detected: edits through ``.data`` (``p.data.mul_(...)``, ``p.data = t``), which bypass the
+version counter, outside an optimiser step: call ``clear_cache(module)`` (or ``clear_cache()``)
+after them.
 
 When the integer path runs (``use_integer_path``): no autograd is needed (the module is not
-training and no input or weight requires a gradient with grad mode on), not under
-``torch.compile``, and not switched off by ``integer_inference(False)`` (the float reference the
-tests compare against).
+training and no input or weight requires a gradient with grad mode on, nor carries a
+forward-mode tangent or a ``torch.func`` wrapper: the integer kernels would drop tangents), not
+under ``torch.compile``, and not switched off by ``integer_inference(False)`` (the float
+reference the tests compare against).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import warnings
 import weakref
@@ -54,6 +72,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
+from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 INTEGER_BACKENDS = ("fbgemm", "int_mm", "float")
 ACTIVATION_ZERO_POINT = 128
@@ -61,7 +82,10 @@ ACTIVATION_ZERO_POINT = 128
 EXACT_FLOAT_SUM_LIMIT = 2**24
 """float32 holds every integer up to 2^24: the integer sums stay exact below it."""
 
-_state: dict[str, Any] = {"enabled": True, "backend": None}
+_STATE: contextvars.ContextVar[tuple[bool, str | None]] = contextvars.ContextVar(
+    "mhmoe_integer_inference", default=(True, None)
+)
+"""(enabled, backend) of the innermost ``integer_inference`` block of this thread/task."""
 
 
 @contextlib.contextmanager
@@ -74,12 +98,16 @@ def integer_inference(enabled: bool = True, backend: str | None = None) -> Itera
     """
     if backend is not None:
         check_backend(backend)
-    previous = dict(_state)
-    _state.update(enabled=bool(enabled), backend=backend)
+    token = _STATE.set((bool(enabled), backend))
     try:
         yield
     finally:
-        _state.update(previous)
+        _STATE.reset(token)
+
+
+def integer_inference_state() -> tuple[bool, str | None]:
+    """(enabled, backend or None) that ``integer_inference`` set in this thread/task."""
+    return _STATE.get()
 
 
 def check_backend(backend: str) -> str:
@@ -98,8 +126,9 @@ def fbgemm_available() -> bool:
 def default_backend(device: torch.device) -> str:
     """The kernel for ``device``: the chosen one inside ``integer_inference``, else fbgemm on CPU
     (when present) and ``torch._int_mm`` elsewhere."""
-    if _state["backend"] is not None:
-        return _state["backend"]
+    backend = _STATE.get()[1]
+    if backend is not None:
+        return backend
     if device.type == "cpu":
         return "fbgemm" if fbgemm_available() else "float"
     return "int_mm"
@@ -107,9 +136,18 @@ def default_backend(device: torch.device) -> str:
 
 def use_integer_path(module: nn.Module, *tensors: torch.Tensor | None) -> bool:
     """Whether ``module`` computes with the integer kernels for these inputs/weights (docstring)."""
-    if not _state["enabled"] or module.training or torch.compiler.is_compiling():
+    if not _STATE.get()[0] or module.training or torch.compiler.is_compiling():
         return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    # torch.func transforms (jvp, grad, vmap) wrap tensors and forward-mode AD attaches
+    # tangents; the integer kernels see neither, so the output would lose the tangent.
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+        return False
+    # only inside a dual_level can a tensor carry a tangent: skip unpack_dual's cost otherwise
+    dual_level_open = getattr(forward_ad, "_current_level", 0) >= 0
+    return not (dual_level_open and any(forward_ad.unpack_dual(t).tangent is not None for t in present))
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,33 +260,80 @@ def int_mm_sums(codes_MI: torch.Tensor, codes_OI: torch.Tensor, force_padding: b
 # --------------------------------------------------------------------------------------------
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, Any]]] = weakref.WeakKeyDictionary()
+@dataclass
+class _Entry:
+    key: tuple
+    refs: tuple[weakref.ref, ...]
+    value: Any
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, _Entry]] = weakref.WeakKeyDictionary()
+_optimizer_generation = 0
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_generation
+    _optimizer_generation += 1
+
+
+# Process-wide: any optimiser step may have changed any cached module's weights in place (the
+# fused/foreach kernels do so without bumping version counters), so every entry built before it
+# is stale. Registered once, at import.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_generation() -> int:
+    """How many ``torch.optim`` optimiser steps this process has taken (part of every cache key)."""
+    return _optimizer_generation
 
 
 def _source_key(sources: tuple[torch.Tensor, ...], backend: str) -> tuple:
-    return (backend, *((t.data_ptr(), t._version, t.device) for t in sources))
+    return (backend, _optimizer_generation, *((t.data_ptr(), t._version, t.device) for t in sources))
+
+
+def _own_tensors(module: nn.Module, sources: tuple[torch.Tensor, ...]) -> bool:
+    """Whether every source is a Parameter/buffer registered on ``module`` itself (not one
+    recomputed per access, as parametrised weights are)."""
+    if parametrize.is_parametrized(module):
+        return False
+    own = list(module._parameters.values()) + list(module._buffers.values())
+    return all(any(t is o for o in own) for t in sources)
 
 
 def cached(
     module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], backend: str, build: Callable[[], Any]
 ) -> Any:
     """``build()`` once per (module, name), rebuilt when one of ``sources`` (the tensors the
-    integer weights derive from) is replaced or modified in place, or the backend changes."""
+    integer weights derive from) is replaced or modified in place, after an optimiser step, or
+    when the backend changes; built per call (not kept) for parametrised sources (module doc)."""
+    sources = tuple(sources)
+    if not _own_tensors(module, sources):
+        entries = _CACHE.get(module)
+        if entries is not None:
+            entries.pop(name, None)
+        return build()
     entries = _CACHE.setdefault(module, {})
-    key = _source_key(tuple(sources), backend)
+    key = _source_key(sources, backend)
     entry = entries.get(name)
-    if entry is None or entry[0] != key:
-        entry = (key, build())
+    if (
+        entry is None
+        or entry.key != key
+        or len(entry.refs) != len(sources)
+        or any(ref() is not t for ref, t in zip(entry.refs, sources))
+    ):
+        entry = _Entry(key, tuple(weakref.ref(t) for t in sources), build())
         entries[name] = entry
-    return entry[1]
+    return entry.value
 
 
 def cached_weights(module: nn.Module) -> list[Any]:
     """The integer weights currently cached for ``module`` (for memory accounting)."""
-    return [value for _, value in _CACHE.get(module, {}).values()]
+    return [entry.value for entry in _CACHE.get(module, {}).values()]
 
 
 def clear_cache(module: nn.Module | None = None) -> None:
+    """Drop the integer weights of ``module`` (of every module when None): needed after edits
+    the cache cannot see, i.e. through ``.data`` (module doc)."""
     if module is None:
         _CACHE.clear()
     else:
@@ -270,10 +355,10 @@ class IntegerLinearWeight:
     """A quantised linear layer's integer form: W_q (O, I) and its absmean scale gamma ()."""
 
     weight: Int8Weight
-    gamma: torch.Tensor  # float32 ()
+    gamma: torch.Tensor  # () in the weight's dtype, at least float32 (float64 stays float64)
 
     def nbytes(self) -> int:
-        return self.weight.nbytes() + 4
+        return self.weight.nbytes() + self.gamma.element_size()
 
 
 @dataclass
@@ -282,29 +367,36 @@ class IntegerExpertWeights:
     SwiGLU: (2F, S), else w1 (F, S)) with one gamma per output row, and w2 (S, F) with one."""
 
     up: list[Int8Weight]
-    gamma_up_EG: torch.Tensor  # float32 (E, G), G = 2F (SwiGLU) or F
+    gamma_up_EG: torch.Tensor  # (E, G), G = 2F (SwiGLU) or F; float32 (float64 for float64 weights)
     down: list[Int8Weight]
-    gamma_down_E: torch.Tensor  # float32 (E,)
+    gamma_down_E: torch.Tensor  # (E,), same dtype
 
     def nbytes(self) -> int:
-        return sum(w.nbytes() for w in self.up + self.down) + 4 * (self.gamma_up_EG.numel() + self.gamma_down_E.numel())
+        gammas = (self.gamma_up_EG, self.gamma_down_E)
+        return sum(w.nbytes() for w in self.up + self.down) + sum(g.numel() * g.element_size() for g in gammas)
 
 
 
 def integer_linear(
     codes_MI: torch.Tensor, scale_M1: torch.Tensor, weight: Int8Weight, gamma: torch.Tensor
 ) -> torch.Tensor:
-    """y = (x_codes @ W_q^T) * gamma / s  ([BitNet] Eq. 11): float32 (M, O).
+    """y = (x_codes @ W_q^T) * gamma / s  ([BitNet] Eq. 11): (M, O) in s's dtype (float32, or
+    float64 for float64 inputs).
 
     ``codes_MI``/``scale_M1``: ``activation_quant_codes`` of the rows (s = 127 / max|x|);
     ``gamma``: the absmean weight scale, one (0-d or 1 element) or one per output column (O,)
-    (the fused gate/up weight of an expert carries two).
+    (the fused gate/up weight of an expert carries two). The integer sums are exact in float32;
+    the scales are applied in the activations' compute dtype, so float64 models keep float64
+    precision (float32 scaling would cost them ~1e-7 relative error).
     """
     sums_MO = weight.integer_sums(codes_MI)
-    gamma = gamma.float()
+    dtype = torch.promote_types(scale_M1.dtype, torch.float32)
+    sums_MO = sums_MO.to(dtype)
+    gamma = gamma.to(dtype)
+    scale_M1 = scale_M1.to(dtype)
     if gamma.numel() == 1:
-        return sums_MO.mul_(gamma.reshape(()) / scale_M1.float())
-    return sums_MO.div_(scale_M1.float()).mul_(gamma)
+        return sums_MO.mul_(gamma.reshape(()) / scale_M1)
+    return sums_MO.div_(scale_M1).mul_(gamma)
 
 
 def check_exact(in_features: int) -> None:
@@ -328,8 +420,10 @@ __all__ = [
     "float_sums",
     "int_mm_sums",
     "integer_inference",
+    "integer_inference_state",
     "integer_linear",
     "integer_weight_bytes",
+    "optimizer_generation",
     "use_integer_path",
 ]
 

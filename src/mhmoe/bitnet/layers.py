@@ -67,7 +67,9 @@ Inference (eval mode, no autograd needed): every quantised matmul runs on intege
 (``mhmoe.bitnet.integer``): the int8 activation codes times the ternary codes, summed exactly in
 int32, then times gamma / s ([BitNet] Eq. 11) -- the same value as the float expression above up
 to float rounding. The integer weights are built once per module (and rebuilt after an
-optimiser step); ``integer_inference(False)`` restores the float math (the tests' reference).
+optimiser step, and dropped when the module is put in train mode; edits through ``.data`` are
+not seen: call ``mhmoe.bitnet.integer.clear_cache`` after them); ``integer_inference(False)``
+restores the float math (the tests' reference).
 
 Two-stage schedule [FAQ]: ``two_stage_schedule`` (module end).
 """
@@ -86,6 +88,7 @@ from mhmoe.bitnet.integer import (
     IntegerExpertWeights,
     IntegerLinearWeight,
     cached,
+    clear_cache,
     default_backend,
     integer_linear,
     use_integer_path,
@@ -168,6 +171,24 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _scale_for_integer(gamma: torch.Tensor) -> torch.Tensor:
+    """A weight scale as the integer path keeps it: detached, at least float32 (float64 weights
+    keep float64 scales, so float64 inference is not rounded to float32)."""
+    return gamma.detach().to(_compute_dtype(gamma))
+
+
+class _IntegerCacheOwner:
+    """Drops the module's cached integer weights when it is put in train mode: training changes
+    the weights (fused optimisers without a version-counter bump among others), and evaluation
+    during training (``model.eval()`` ... ``model.train(was_training)``) must see the new ones."""
+
+    def train(self, mode: bool = True):
+        result = super().train(mode)
+        if mode:
+            clear_cache(self)
+        return result
+
+
 def activation_quant_codes(
     x: torch.Tensor, eps: float = ACTIVATION_EPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +257,7 @@ def _quantize_input(x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class _TernaryMatrixMath:
+class _TernaryMatrixMath(_IntegerCacheOwner):
     """One ternary matrix (a linear layer's or a router's) and its cached integer form."""
 
     def quantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
@@ -261,7 +282,7 @@ class _TernaryMatrixMath:
 
         def build() -> IntegerLinearWeight:
             codes_OI, gamma = self.ternary_codes()
-            return IntegerLinearWeight(Int8Weight(codes_OI, backend), gamma.detach().float().reshape(()))
+            return IntegerLinearWeight(Int8Weight(codes_OI, backend), _scale_for_integer(gamma).reshape(()))
 
         return cached(self, "weight", sources, backend, build)
 
@@ -284,7 +305,8 @@ class _BitLinearMath(_TernaryMatrixMath):
         return F.linear(x_q, w_q.to(x_q.dtype), None if self.bias is None else self.bias.to(x_q.dtype))
 
     def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward through the integer kernels: float32 math, returned in x's dtype."""
+        """The forward through the integer kernels: float32 math (float64 for float64 inputs),
+        returned in x's dtype."""
         x_in = self.norm(x) if self.norm is not None else x
         codes, scale = activation_codes_for_inference(x_in)
         in_features = codes.shape[-1]
@@ -292,7 +314,7 @@ class _BitLinearMath(_TernaryMatrixMath):
         # (..., I) -> (M, I): one row per token
         y_MO = integer_linear(codes.reshape(-1, in_features), scale.reshape(-1, 1), integer.weight, integer.gamma)
         if self.bias is not None:
-            y_MO = y_MO + self.bias.float()
+            y_MO = y_MO + self.bias.to(y_MO.dtype)
         return y_MO.reshape(*codes.shape[:-1], y_MO.shape[-1]).to(x.dtype)
 
 
@@ -345,7 +367,7 @@ class BitLinear(_BitLinearMath, nn.Linear):
         return super().extra_repr() + ", bits=1.58, act_bits=8"
 
 
-class _BitExpertsMath:
+class _BitExpertsMath(_IntegerCacheOwner):
     """Stacked experts on quantised weights and activations, through the same ``grouped_mm``.
 
     SwiGLU: y = W2_q actq(N_h( silu(W1_q actq(N_i x)) * (W3_q actq(N_i x)) ))
@@ -367,7 +389,7 @@ class _BitExpertsMath:
         raise NotImplementedError
 
     def expert_codes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # pragma: no cover - abstract
-        """Per weight name: (W_q (E, O, I) in {-1, 0, 1}, gamma (E,))."""
+        """Per weight name: (W_q (E, O, I) int8 in {-1, 0, 1}, gamma (E,))."""
         raise NotImplementedError
 
     def quantized_expert_weights(self, expert: int) -> dict[str, torch.Tensor]:
@@ -387,14 +409,17 @@ class _BitExpertsMath:
         backend = default_backend(sources[0].device)
 
         def build() -> IntegerExpertWeights:
+            # int8 codes (expert_codes returns int8; .to is a no-op then): the fused (E, 2F, S)
+            # up matrix is one byte a weight, where concatenating float32 codes allocated four
+            # more per weight, on top of the float codes themselves, at build.
             codes = self.expert_codes()
             w1_codes, gamma1_E = codes["w1"]
             num_experts, d_hidden = w1_codes.shape[:2]
-            gamma1_EF = gamma1_E.float().reshape(-1, 1).expand(num_experts, d_hidden)
+            gamma1_EF = _scale_for_integer(gamma1_E).reshape(-1, 1).expand(num_experts, d_hidden)
             if self.activation == "swiglu":
                 w3_codes, gamma3_E = codes["w3"]
-                up_EGS = torch.cat([w1_codes, w3_codes], dim=1)  # 2 x (E, F, S) -> (E, 2F, S)
-                gamma3_EF = gamma3_E.float().reshape(-1, 1).expand(num_experts, d_hidden)
+                up_EGS = torch.cat([w1_codes.to(torch.int8), w3_codes.to(torch.int8)], dim=1)  # 2 x (E, F, S) -> (E, 2F, S)
+                gamma3_EF = _scale_for_integer(gamma3_E).reshape(-1, 1).expand(num_experts, d_hidden)
                 gamma_up_EG = torch.cat([gamma1_EF, gamma3_EF], dim=1)  # (E, 2F)
             else:
                 up_EGS, gamma_up_EG = w1_codes, gamma1_EF
@@ -403,7 +428,7 @@ class _BitExpertsMath:
                 [Int8Weight(up_EGS[e], backend) for e in range(num_experts)],
                 gamma_up_EG.contiguous(),
                 [Int8Weight(w2_codes[e], backend) for e in range(num_experts)],
-                gamma2_E.detach().float().reshape(-1),
+                _scale_for_integer(gamma2_E).reshape(-1),
             )
 
         return cached(self, "experts", sources, backend, build)
@@ -435,7 +460,8 @@ class _BitExpertsMath:
 
     def integer_forward(self, x_MS: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
         """The experts through the integer kernels; ``blocks``: (expert, first row, end row) of
-        every expert with rows (rows sorted by expert). float32 math, returned in x's dtype.
+        every expert with rows (rows sorted by expert). float32 math (float64 for float64
+        inputs), returned in x's dtype.
 
         Consecutive experts are taken together in chunks of about ``INTEGER_CHUNK_ROWS`` rows:
         the matmuls run expert by expert, the per-row element-wise steps once per chunk, while
@@ -543,7 +569,12 @@ class BitExperts(_BitExpertsMath, Experts):
         return {name: weight_quant(getattr(self, name), per_expert=True) for name in self._weight_names()}
 
     def expert_codes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: weight_quant_codes(getattr(self, name), per_expert=True) for name in self._weight_names()}
+        # int8 right away, weight by weight: at most one float code tensor exists at a time.
+        codes = {}
+        for name in self._weight_names():
+            codes_EOI, gamma_E = weight_quant_codes(getattr(self, name), per_expert=True)
+            codes[name] = (codes_EOI.to(torch.int8), gamma_E)
+        return codes
 
     def quantized_expert_weights(self, expert: int) -> dict[str, torch.Tensor]:
         # The expert's own slice (1, O, I), quantised per expert as in quantized_weights: the
@@ -576,7 +607,8 @@ class _BitRouterMath(_TernaryMatrixMath):
             if use_integer_path(self, x_NS, *self.gradient_tensors()):
                 codes_NS, scale_N1 = activation_codes_for_inference(x_NS)
                 integer = self.integer_weight()
-                logits_NE = integer_linear(codes_NS, scale_N1, integer.weight, integer.gamma)
+                # float32 logits for every input dtype, as the float path below computes them
+                logits_NE = integer_linear(codes_NS, scale_N1, integer.weight, integer.gamma).float()
             else:
                 logits_NE = F.linear(activation_quant(x_NS).float(), self.quantized_weight().float())
         return route_logits(logits_NE, self.top_k, self.normalize_top_k, getattr(self, "expert_bias", None))

@@ -238,7 +238,8 @@ class TernaryExperts(_BitExpertsMath, nn.Module):
         return {name: _codes_and_scale(self, name) for name in self.weight_shapes}
 
     def integer_sources(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, f"{name}_packed") for name in self.weight_shapes)
+        # the scales too: gamma is part of the integer weights (a changed scale must rebuild)
+        return tuple(getattr(self, f"{name}_{part}") for name in self.weight_shapes for part in ("packed", "scale"))
 
     def extra_repr(self) -> str:
         return (
