@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mhmoe import DenseConfig, FeedForward, MHMoE, MoE, MoEConfig, build_ffn
 from mhmoe.cli import main
+from mhmoe.layers.moe import SMALL_BATCH_MAX_ASSIGNMENTS
 from mhmoe.planning import counts, variants
 from mhmoe.planning.counts import active_multiply_adds, count_flops, count_params
 from mhmoe.planning.planner import flops_parity_d_expert, params_parity_num_experts, plan_mhmoe
@@ -423,14 +424,18 @@ def test_flops_equal_flop_counter_mode(name, use_grouped_mm):
     if isinstance(cfg, MoEConfig):
         # Force the path: the capability probe is cached per process.
         module.experts.use_grouped_mm = use_grouped_mm
-    x = torch.randn(2, 5, cfg.d_model)  # 10 tokens
-    measured, by_op = _measure_flops(module, x)
     per_token = count_flops(cfg)
-    expected = count_flops(cfg, tokens=10)
-    # Dropless routing: every (sub-)token meets exactly k experts, so the count is exact;
-    # FlopCounterMode sees the router's matmul and the combine too, so compare the total.
-    assert measured == expected.total == 10 * per_token.total, by_op
+    # 10 tokens take the small-batch dispatch (at most SMALL_BATCH_MAX_ASSIGNMENTS assignments:
+    # the chosen experts' gathered weights, batched matmuls); 200 tokens the sorted dispatch.
+    for batch, length in ((2, 5), (4, 50)):
+        tokens = batch * length
+        measured, by_op = _measure_flops(module, torch.randn(batch, length, cfg.d_model))
+        expected = count_flops(cfg, tokens=tokens)
+        # Dropless routing: every (sub-)token meets exactly k experts, so the count is exact;
+        # FlopCounterMode sees the router's matmul and the combine too, so compare the total.
+        assert measured == expected.total == tokens * per_token.total, (tokens, by_op)
     if isinstance(cfg, MoEConfig):
+        assert tokens * cfg.top_k * cfg.num_heads > SMALL_BATCH_MAX_ASSIGNMENTS
         assert by_op.get("aten._grouped_mm", 0) == (expected.experts if use_grouped_mm else 0)
         assert by_op.get("aten.bmm", 0) == expected.combine
 
