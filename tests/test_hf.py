@@ -374,17 +374,9 @@ def test_lm_eval_rolling_loglikelihood_offline(hf, export_dir, run_model, tmp_pa
     metrics = results["results"]["mhmoe_tiny_text"]
     # The same numbers by hand: every document fits one window, conditioned on <|endoftext|>.
     model, tokenizer = run_model
-    total_ll, words, num_bytes = 0.0, 0, 0
-    with torch.no_grad():
-        for doc in docs:
-            ids = [tokenizer.eot_id, *tokenizer.encode(doc)]
-            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
-            total_ll += float(logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum())
-            words += len(doc.split())
-            num_bytes += len(doc.encode("utf-8"))
-    assert metrics["bits_per_byte,none"] == pytest.approx(-total_ll / num_bytes / math.log(2), rel=1e-4)
-    assert metrics["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
-    assert metrics["byte_perplexity,none"] == pytest.approx(math.exp(-total_ll / num_bytes), rel=1e-4)
+    expected = rolling_metrics_by_hand(model, tokenizer, docs)
+    for name in ("bits_per_byte", "word_perplexity", "byte_perplexity"):
+        assert metrics[f"{name},none"] == pytest.approx(expected[name], rel=1e-4)
 
 
 def test_hf_model_carries_load_balancing_and_is_dropless_in_eval(hf):
@@ -552,3 +544,19 @@ def test_trainer_with_gradient_checkpointing_and_router_aux_loss(hf, export_dir,
     result = trainer.train()
     assert model.model.gradient_checkpointing and math.isfinite(result.training_loss)
     assert not torch.equal(model.model.layers[1].ffn.router.weight, before)  # the router was trained
+
+
+def rolling_metrics_by_hand(model, tokenizer, docs: list[str]) -> dict[str, float]:
+    """lm-eval's rolling log-likelihood metrics computed directly with mhmoe's model: every
+    document fits one window and is conditioned on <|endoftext|>."""
+    total_ll, words, num_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for doc in docs:
+            ids = [tokenizer.eot_id, *tokenizer.encode(doc)]
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+            total_ll += float(logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum())
+            words += len(doc.split())
+            num_bytes += len(doc.encode("utf-8"))
+    return {"bits_per_byte": -total_ll / num_bytes / math.log(2),
+            "word_perplexity": math.exp(-total_ll / words),
+            "byte_perplexity": math.exp(-total_ll / num_bytes)}

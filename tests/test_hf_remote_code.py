@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import os
 import random
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_hf import rolling_metrics_by_hand
 
 from mhmoe.cli import main
 from mhmoe.config import BitNetConfig, DenseConfig, ModelConfig, MoEConfig
@@ -355,16 +355,9 @@ def test_stock_lm_eval_command_on_an_export(exports, run_dir):
     metrics = json.loads(results_file.read_text())["results"]["mhmoe_tiny_text"]
     # The same numbers by hand with mhmoe's own model: each document conditioned on <|endoftext|>.
     model, tokenizer, _ = load_run(run_dir)
-    total_ll, words, num_bytes = 0.0, 0, 0
-    with torch.no_grad():
-        for doc in docs:
-            ids = [tokenizer.eot_id, *tokenizer.encode(doc)]
-            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
-            total_ll += float(logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum())
-            words += len(doc.split())
-            num_bytes += len(doc.encode("utf-8"))
-    assert metrics["bits_per_byte,none"] == pytest.approx(-total_ll / num_bytes / math.log(2), rel=1e-4)
-    assert metrics["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
+    expected = rolling_metrics_by_hand(model, tokenizer, docs)
+    for name in ("bits_per_byte", "word_perplexity"):
+        assert metrics[f"{name},none"] == pytest.approx(expected[name], rel=1e-4)
 
 
 def test_ternary_export_refuses_transformers_with_one_clear_line(run_dir, tmp_path):
