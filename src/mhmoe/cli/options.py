@@ -16,6 +16,7 @@ from mhmoe.data.splits import DEFAULT_HELDOUT_FRACTION, parse_eval_spec, parse_e
 from mhmoe.data.tokenizer import DEFAULT_SAMPLE_BYTES
 from mhmoe.planning.variants import parse_variant
 from mhmoe.runtime import THREADS_PER_CORE_LIMIT, check_threads
+from mhmoe.training.config import COMPILE_BACKENDS
 from mhmoe.training.presets import preset_names
 from mhmoe.training.run import RunOptions
 
@@ -206,6 +207,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, single_run: bool = T
     group.add_argument("--activation-checkpointing", action="store_true",
                        help="recompute each block's activations in the backward pass (less memory, about "
                             "a third more compute; the same losses)")
+    group.add_argument("--compile", action="store_true",
+                       help="run the training forward under torch.compile (evaluation stays eager; "
+                            "inductor needs a C++ compiler on CPU). Pays only when its compile time is "
+                            "won back over the run: benchmarks/compile_speed.py measures it")
+    group.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                       help="with --compile: inductor (default, fused kernels), or aot_eager / eager "
+                            "(trace only: no compiler needed, no speed-up; to check that a model compiles)")
     group.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="auto (default): bf16 autocast on GPU, fp32 on CPU")

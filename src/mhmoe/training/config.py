@@ -16,11 +16,18 @@ from mhmoe import checks
 from mhmoe.runtime import DEVICES_HELP, PRECISIONS
 
 # TrainConfig fields that may differ when a run is resumed (they do not change the results;
-# activation checkpointing recomputes the same blocks in the backward pass).
+# activation checkpointing recomputes the same blocks in the backward pass; torch.compile
+# computes the same model with other kernels, a float rounding apart as another thread count).
 RESUMABLE_CHANGES = frozenset({
     "save_every", "keep_checkpoints", "log_every", "threads", "device", "eval_batch_size",
     "max_skipped_steps", "save_minutes", "progress_seconds", "activation_checkpointing",
+    "compile", "compile_backend",
 })
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+"""torch.compile backends of ``--compile-backend``: inductor generates fused kernels (C++ on
+CPU, so it needs a compiler); aot_eager and eager only trace (no speed-up, no compiler: for
+checking that a model compiles)."""
 
 DEFAULT_SAVE_MINUTES = 10.0
 """Wall-clock minutes between checkpoints when none are given: a preempted job (SLURM and
@@ -59,6 +66,8 @@ class TrainConfig:
     Off a terminal, a progress line is logged every ``progress_seconds`` (None: never).
     Evaluations use ``eval_tokens`` per set (windows spread over the set), the final one
     ``final_eval_tokens`` (more, so that the number compared between variants is precise).
+    With ``compile`` the training forward runs under ``torch.compile`` (``compile_backend``);
+    evaluation, checkpoints and the non-finite diagnosis use the eager module.
     """
 
     total_steps: int
@@ -91,6 +100,8 @@ class TrainConfig:
     save_minutes: float | None = DEFAULT_SAVE_MINUTES
     progress_seconds: float | None = 60.0
     activation_checkpointing: bool = False  # TransformerLM.activation_checkpointing while training
+    compile: bool = False  # the training forward under torch.compile (evaluation stays eager)
+    compile_backend: str = "inductor"  # one of COMPILE_BACKENDS
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_fractions, list):
@@ -126,6 +137,10 @@ class TrainConfig:
                 checks.number(name, getattr(self, name), low=0, low_inclusive=False)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"compile_backend={self.compile_backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: must be one of {', '.join(PRECISIONS)}")
         if not isinstance(self.eval_fractions, tuple):

@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ from mhmoe.runtime import (
     resolve_device,
     resolve_precision,
 )
-from mhmoe.training.config import TrainConfig
+from mhmoe.training.config import COMPILE_BACKENDS, TrainConfig
 from mhmoe.training.schedules import learning_rate, weight_decay_at
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,65 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         return torch.optim.AdamW(groups, fused=True, **options)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, **options)
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * 2 + 1
+
+
+def check_compile_works(backend: str) -> None:
+    """ValueError (one line) unless ``torch.compile`` with ``backend`` builds and runs a small
+    function here. Inductor on CPU generates C++ and needs a compiler; without one the failure
+    would come as a long traceback at the first training step, after the data is prepared."""
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"--compile-backend {backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}")
+    try:
+        torch.compile(_compile_probe, backend=backend, fullgraph=True)(torch.ones(4))
+    except Exception as err:  # any failure of the toolchain (missing compiler, bad flags, ...)
+        lines = str(err).strip().splitlines()
+        detail = f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+        raise ValueError(
+            f"--compile: torch.compile with backend {backend!r} does not work on this machine ({detail}); "
+            "inductor needs a C++ compiler (gcc or clang) on CPU; run without --compile"
+        ) from None
+
+
+def compile_for_training(module: torch.nn.Module, backend: str) -> Callable[..., Any]:
+    """``module``'s forward under ``torch.compile``, for the training steps.
+
+    A wrapper, never a replacement: ``module`` itself stays eager and is what is saved,
+    evaluated and diagnosed, so checkpoints carry no ``_orig_mod.`` prefix and load without
+    compile. Dynamo's caches are cleared first: in one process ``mhmoe reproduce`` trains
+    several models of other shapes through the same forward code, whose entries would
+    otherwise pile up to the recompile limit (and then fall back to eager).
+    """
+    torch._dynamo.reset()
+    return torch.compile(module, backend=backend)
+
+
+@contextlib.contextmanager
+def moe_layers_run_eagerly(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, a compiled ``model`` runs its MoE layers eagerly (a graph break at
+    each; the rest of the model, attention, norms, dense FFNs, LM head, is compiled).
+
+    For float32: there the experts' grouped matmul cannot be traced (torch 2.13's fake-tensor
+    rule for ``_grouped_mm`` is bfloat16 only) and takes the segment loop, whose split sizes are
+    the data-dependent row counts: a graph break per grouped matmul and recompilations as the
+    counts change (docs/benchmarks.md, "torch.compile"). Measured (benchmarks/compile_speed.py,
+    smoe): at the tiny preset, dynamo's recompile limit was reached and steps took 58x the eager
+    time; at mini, 22 graphs and about 29 s of compilation, against 6 graphs and a few seconds
+    with the MoE layers eager, which also take their fast CPU ("blocked") path there.
+    The wrapper is an instance attribute: the module tree and state_dict keys are unchanged,
+    and it is removed on exit (a deep copy of the model must not call back into this one).
+    """
+    layers = balancing.moe_layers(model)
+    for layer in layers:
+        layer.forward = torch.compiler.disable(layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
 
 
 @dataclass
@@ -261,6 +320,16 @@ def _train_loop(
     started = time.perf_counter()
     window_start, window_tokens = started, 0
     last_save = time.monotonic()  # the time-based checkpoints (save_minutes) count from here
+    # --compile: the training forward only; evaluation and the global-batch counting pass
+    # (no grad, other batch shapes) stay eager. Under float32 the MoE layers stay eager too
+    # (moe_layers_run_eagerly); under bfloat16 autocast the whole model is one graph.
+    train_forward = compile_for_training(parallel.module, config.compile_backend) if config.compile else parallel
+    eager_moe = contextlib.ExitStack()
+    if config.compile and autocast_dtype is None:
+        eager_moe.enter_context(moe_layers_run_eagerly(model))
+    if config.compile:
+        logger.info("--compile: torch.compile (%s) of the training forward%s; the first steps compile",
+                    config.compile_backend, ", MoE layers eager (float32)" if autocast_dtype is None else "")
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             step_started = time.perf_counter()
@@ -286,7 +355,7 @@ def _train_loop(
                     last = chunk == accumulation - 1
                     with contextlib.nullcontext() if last else parallel.no_sync():
                         with autocast_context(device, autocast_dtype):
-                            output = parallel(inputs)
+                            output = train_forward(inputs)
                             lm = lm_loss(output.logits, targets)
                             loss = (lm + output.aux_loss) / accumulation
                         loss.backward()
@@ -398,6 +467,7 @@ def _train_loop(
         if config.total_steps == start_step:
             result.finished = True
     finally:
+        eager_moe.close()
         routing.detach()
         progress.close()
         log.close()

@@ -72,6 +72,7 @@ from mhmoe.runs.eval_windows import read_eval_windows
 from mhmoe.runs.metrics import read_metrics
 from mhmoe.runs.validation import check_output_dir
 from mhmoe.runtime import default_threads
+from mhmoe.training.loop import check_compile_works
 from mhmoe.training.presets import get_preset
 from mhmoe.training.run import RunOptions, data_settings, run_training
 
@@ -187,6 +188,8 @@ def reproduce(options: ReproduceOptions) -> dict[str, Any]:
         settings = ckpt.read_run_config(next(iter(run_dirs.values()))[0][1]).get("data", {})
         eval_names = evaluated_sets(run_dirs)
     else:
+        if options.run.compile:
+            check_compile_works(options.run.compile_backend)  # before the data work, not in run 1
         # Tokenize once: one tokenizer and one set of token caches for every run.
         template = replace(options.run, eval_fractions=fractions, data_dir=data_dir, resume=True)
         if template.threads is None:

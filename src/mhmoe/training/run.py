@@ -52,7 +52,7 @@ from mhmoe.runtime import (
     seed_everything,
 )
 from mhmoe.training.config import RESUMABLE_CHANGES, TrainConfig, default_save_every
-from mhmoe.training.loop import LoopResult, train_loop
+from mhmoe.training.loop import LoopResult, check_compile_works, train_loop
 from mhmoe.training.presets import get_preset, model_config, variant_summary
 from mhmoe.version import __version__
 
@@ -130,6 +130,8 @@ class RunOptions:
     threads: int | None = None
     max_skipped_steps: int = 5
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    compile: bool = False  # the training forward under torch.compile
+    compile_backend: str = "inductor"  # mhmoe.training.config.COMPILE_BACKENDS
     allow_unchecked_state: bool = False  # accept checkpoints whose state.json lacks its checksum
     progress_every: float | None = None  # seconds between progress log lines off a terminal (0: off)
     quiet: bool = False
@@ -208,6 +210,8 @@ def train_config_for(options: RunOptions, preset: Any) -> TrainConfig:
         threads=options.threads,
         max_skipped_steps=options.max_skipped_steps,
         activation_checkpointing=options.activation_checkpointing,
+        compile=options.compile,
+        compile_backend=options.compile_backend,
     )
 
 
@@ -377,6 +381,11 @@ def run_training(options: RunOptions) -> RunResult:
         raise ValueError(f"--bitnet-full-precision {' '.join(options.bitnet_full_precision)}: needs --bitnet")
     train_config = train_config_for(options, preset)
     check_batch_memory(train_config)
+    if train_config.compile:
+        if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            # Not tested with DDP, FSDP2 or expert parallelism (their hooks and collectives).
+            raise ValueError("--compile: single-process training only (not under torchrun); run without --compile")
+        check_compile_works(train_config.compile_backend)  # no C++ compiler: one line, now
     resolve_device(options.device)  # a bad --device fails before the data is prepared
     # The variant's model at this scale (e.g. d_model divisible by the heads) is checked before
     # any data work; the vocabulary is the tokenizer's later, which no shape rule depends on.
