@@ -498,10 +498,20 @@ def grouped_compute(x_NS: torch.Tensor, weights_NK: torch.Tensor, kept_order_R: 
 
 def blocked_compute(x_NS: torch.Tensor, weights_NK: torch.Tensor, kept_order_R: torch.Tensor,
                     kept_counts_E: torch.Tensor, experts: nn.Module) -> torch.Tensor:
-    """"blocked": ``_BlockedDispatch`` on the raw stacked weights."""
-    w3_EFS = experts.w3 if experts.activation == "swiglu" else None
-    return _BlockedDispatch.apply(x_NS, weights_NK.to(x_NS.dtype), experts.w1, w3_EFS, experts.w2,
-                                  kept_order_R, kept_counts_E.tolist(), experts.save_hidden_max_bytes)
+    """"blocked": ``_BlockedDispatch`` on the raw stacked weights.
+
+    Under autocast the block matmuls would see autocast's low-precision activations next to the
+    float32 weights, which the in-place and ``out=`` kernels inside the Function refuse. So the
+    cast autocast would make is made here, outside the Function (the casts stay in the autograd
+    graph and their backward returns float32 gradients), and the Function runs with autocast off,
+    in that one dtype: the grouped backend's precision."""
+    device_type = x_NS.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_NS.dtype
+    w3_EFS = experts.w3.to(dtype) if experts.activation == "swiglu" else None
+    with torch.autocast(device_type, enabled=False):
+        return _BlockedDispatch.apply(x_NS.to(dtype), weights_NK.to(dtype), experts.w1.to(dtype), w3_EFS,
+                                      experts.w2.to(dtype), kept_order_R, kept_counts_E.tolist(),
+                                      experts.save_hidden_max_bytes)
 
 
 def reference_compute(x_NS: torch.Tensor, weights_NK: torch.Tensor, kept_order_R: torch.Tensor,
