@@ -5,8 +5,10 @@ standard error (mhmoe.evaluate, mhmoe.data.batching), the per-window files
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +271,58 @@ def test_reproduce_writes_paired_comparisons(tmp_path, capsys):
     assert [e["mean_rel_diff"] for e in again["comparisons"]] == [e["mean_rel_diff"] for e in entries]
     assert again["train_time_s"] == pytest.approx(results["train_time_s"])
     capsys.readouterr()
+
+
+def _load_spread_study():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_spread_study.py"
+    spec = importlib.util.spec_from_file_location("seed_spread_study", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_study_folder(folder, per_seed, train_seconds, lr=2e-3):
+    """A reproduce folder reduced to what the study reads: results.json (comparisons as
+    ``compare`` writes them, run curves with train_s) and one run's config.json."""
+    diffs = [d for _, d in per_seed]
+    interval = paired_interval(diffs)
+    comparison = {"set": "books", "point": "100%", "variant": "mhmoe_h3", "baseline": "smoe",
+                  "mean_rel_diff": interval.mean, "ci95": [interval.low, interval.high], "sd": interval.sd,
+                  "wins": sum(d < 0 for d in diffs), "seeds": len(diffs), "eval_se": 0.002,
+                  "expected": "lower", "verdict": verdict(interval, True),
+                  "per_seed": [{"seed": s, "rel_diff": d, "eval_se": 0.002} for s, d in per_seed]}
+    variants = [{"name": name, "runs": [{"seed": s, "curve": [{"train_s": seconds}]} for s, _ in per_seed]}
+                for name, seconds in (("smoe", train_seconds[0]), ("mhmoe_h3", train_seconds[1]))]
+    (folder / "runs" / "smoe" / f"seed{per_seed[0][0]}").mkdir(parents=True)
+    (folder / "runs" / "smoe" / f"seed{per_seed[0][0]}" / "config.json").write_text(json.dumps(
+        {"train": {"total_steps": 100, "batch_size": 8, "seq_len": 256, "lr": lr}}))
+    (folder / "results.json").write_text(json.dumps({"comparisons": [comparison], "variants": variants}))
+
+
+def test_seed_spread_study_reads_the_spread_and_prices_the_seeds(tmp_path, capsys):
+    """benchmarks/seed_spread_study.py: per setting, the sd of the per-seed paired differences,
+    the seeds that sd needs for a 2% difference (seeds_needed) and their CPU cost (seeds x the
+    train seconds of one run of each variant); missing or bad folders are one clear line."""
+    study = _load_spread_study()
+    _fake_study_folder(tmp_path / "narrow", [(0, -0.021), (1, -0.019), (2, -0.020)], (600.0, 540.0))
+    _fake_study_folder(tmp_path / "wide", [(0, -0.06), (1, 0.02), (2, -0.02)], (300.0, 300.0), lr=4e-3)
+    out = tmp_path / "study.json"
+    assert study.main(["--setting", f"narrow=={tmp_path / 'narrow'}", "--setting", f"wide={tmp_path / 'wide'}",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["narrow=", "wide"]  # the label ends at the last '='
+    narrow, wide = rows
+    assert narrow["sd"] == pytest.approx(0.001) and wide["sd"] == pytest.approx(0.04)
+    assert narrow["seeds_needed"] == seeds_needed(0.001) == 2
+    assert wide["seeds_needed"] == seeds_needed(0.04) > 20
+    assert narrow["resolve_cpu_hours"] == pytest.approx(2 * 1140.0 / 3600)
+    assert wide["resolve_cpu_hours"] == pytest.approx(wide["seeds_needed"] * 600.0 / 3600)
+    assert narrow["tokens"] == 100 * 8 * 256 and wide["lr"] == 4e-3
+    assert narrow["verdict"] == "holds" and wide["verdict"] == "not resolved"
+    assert "| wide | 204,800 | 100 x 8 | 0.004 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="results.json: missing"):
+        study.main(["--setting", f"none={tmp_path / 'absent'}"])
+    with pytest.raises(SystemExit, match="expected LABEL=FOLDER"):
+        study.main(["--setting", "no-separator"])
+    with pytest.raises(SystemExit, match="no comparison of mhmoe_h3 vs smoe on 'wiki'"):
+        study.main(["--setting", f"narrow={tmp_path / 'narrow'}", "--set", "wiki"])
