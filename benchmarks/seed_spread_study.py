@@ -18,34 +18,50 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mhmoe.analytics.paired import seeds_needed
+from mhmoe.runs.atomic import atomic_write_json
 
 FINAL_POINT = "100%"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise SystemExit(f"{path}: cannot be read ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a JSON object")
+    return data
 
 
 def read_results(folder: Path) -> dict[str, Any]:
     path = folder / "results.json"
     if not path.is_file():
         raise SystemExit(f"{path}: missing (write it with mhmoe reproduce --out {folder} --summarize-only --seeds N)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"{path}: not valid JSON ({error})") from None
+    return read_json(path)
 
 
-def run_train_seconds(results: dict[str, Any], variant: str) -> dict[int, float]:
-    """Optimiser-step seconds of each finished run of ``variant`` (the last curve point's train_s)."""
+def run_cpu_seconds(results: dict[str, Any], variant: str) -> dict[int, float]:
+    """Core-seconds of optimiser steps of each finished run of ``variant``: its last evaluation
+    point's ``train_s`` (optimiser-step wall time; runs that predate it are left out) times the
+    torch threads the run used (its config.json)."""
+    seconds = {}
     for entry in results.get("variants", []):
-        if entry.get("name") == variant:
-            return {int(run["seed"]): float(run["curve"][-1]["train_s"])
-                    for run in entry.get("runs", []) if run.get("curve") and "seed" in run}
-    return {}
+        if entry.get("name") != variant:
+            continue
+        for run in entry.get("runs", []):
+            train_s = (run.get("curve") or [{}])[-1].get("train_s")
+            if train_s is None or "seed" not in run or "run_dir" not in run:
+                continue
+            threads = read_json(Path(run["run_dir"]) / "config.json")["train"].get("threads") or 1
+            seconds[int(run["seed"])] = float(train_s) * int(threads)
+    return seconds
 
 
 def setting_row(label: str, folder: Path, eval_set: str, variant: str, baseline: str,
@@ -58,10 +74,15 @@ def setting_row(label: str, folder: Path, eval_set: str, variant: str, baseline:
         raise SystemExit(f"{folder}/results.json: no comparison of {variant} vs {baseline} on {eval_set!r} "
                          f"at {FINAL_POINT} (both variants finished for at least one seed?)")
     comparison = matches[0]
-    train = json.loads((folder / "runs" / baseline / f"seed{comparison['per_seed'][0]['seed']}"
-                        / "config.json").read_text())["train"]
-    seconds_variant = run_train_seconds(results, variant)
-    seconds_baseline = run_train_seconds(results, baseline)
+    budget = results.get("budget") or {}
+    if not all(isinstance(budget.get(key), int) for key in ("tokens", "steps", "batch_size")):
+        raise SystemExit(f"{folder}/results.json: no budget (tokens, steps, batch_size); rewrite it with "
+                         "mhmoe reproduce --summarize-only")
+    seconds_variant = run_cpu_seconds(results, variant)
+    seconds_baseline = run_cpu_seconds(results, baseline)
+    lrs = {read_json(Path(run["run_dir"]) / "config.json")["train"]["lr"]
+           for entry in results.get("variants", []) if entry.get("name") in (variant, baseline)
+           for run in entry.get("runs", []) if "run_dir" in run}
     seeds = [entry["seed"] for entry in comparison["per_seed"]]
     pair_seconds = [seconds_variant[s] + seconds_baseline[s] for s in seeds
                     if s in seconds_variant and s in seconds_baseline]
@@ -71,10 +92,10 @@ def setting_row(label: str, folder: Path, eval_set: str, variant: str, baseline:
     return {
         "setting": label,
         "folder": str(folder),
-        "tokens": train["total_steps"] * train["batch_size"] * train["seq_len"],
-        "steps": train["total_steps"],
-        "batch_size": train["batch_size"],
-        "lr": train["lr"],
+        "tokens": budget["tokens"],
+        "steps": budget["steps"],
+        "batch_size": budget["batch_size"],
+        "lr": lrs.pop() if len(lrs) == 1 else None,
         "seeds": seeds,
         "per_seed": [entry["rel_diff"] for entry in comparison["per_seed"]],
         "mean_rel_diff": comparison["mean_rel_diff"],
@@ -83,8 +104,8 @@ def setting_row(label: str, folder: Path, eval_set: str, variant: str, baseline:
         "eval_se": comparison["eval_se"],
         "verdict": comparison["verdict"],
         "seeds_needed": needed,
-        "pair_train_s": mean_pair_seconds,
-        # CPU time of the seeds that would resolve `effect`: one run of each variant per seed.
+        "pair_cpu_s": mean_pair_seconds,
+        # Core-hours of the seeds that would resolve `effect`: one run of each variant per seed.
         "resolve_cpu_hours": (needed * mean_pair_seconds / 3600.0
                               if needed is not None and mean_pair_seconds is not None else None),
     }
@@ -97,7 +118,7 @@ def fmt_pct(value: float | None, digits: int = 1) -> str:
 def markdown(rows: list[dict[str, Any]], variant: str, baseline: str, eval_set: str, effect: float) -> str:
     lines = [
         f"| setting | tokens | steps x batch | peak lr | {variant} vs {baseline} per seed | mean [95% CI] | "
-        f"sd over seeds | eval SE | seeds for {effect:.0%} | CPU-h to resolve {effect:.0%} |",
+        f"sd over seeds | eval SE | seeds for {effect:.1%} | core-h to resolve {effect:.1%} |",
         "|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -105,28 +126,18 @@ def markdown(rows: list[dict[str, Any]], variant: str, baseline: str, eval_set: 
         interval = f"[{fmt_pct(low)}, {fmt_pct(high)}]" if low is not None else "(one seed)"
         sd = "–" if row["sd"] is None else f"{100 * row['sd']:.2f}%"
         se = "–" if row["eval_se"] is None else f"±{100 * row['eval_se']:.2f}%"
-        needed = "–" if row["seeds_needed"] is None else str(row["seeds_needed"])
+        needed = ("– (one seed)" if row["sd"] is None else "> 10,000" if row["seeds_needed"] is None
+                  else str(row["seeds_needed"]))
         cost = "–" if row["resolve_cpu_hours"] is None else f"{row['resolve_cpu_hours']:.1f}"
         lines.append(
-            f"| {row['setting']} | {row['tokens']:,} | {row['steps']} x {row['batch_size']} | {row['lr']:g} | "
+            f"| {row['setting']} | {row['tokens']:,} | {row['steps']} x {row['batch_size']} | "
+            f"{'mixed' if row['lr'] is None else format(row['lr'], 'g')} | "
             f"{' / '.join(fmt_pct(d) for d in row['per_seed'])} | {fmt_pct(row['mean_rel_diff'])} {interval}, "
             f"{row['verdict']} | {sd} | {se} | {needed} | {cost} |")
-    lines.append(f"\nSet: {eval_set}, final point. Seeds for {effect:.0%}: the fewest N with "
+    lines.append(f"\nSet: {eval_set}, final point. Seeds for {effect:.1%}: the fewest N with "
                  "(t_0.975,N-1 + t_0.8,N-1) * sd / sqrt(N) <= the difference (95% interval, 80% power); "
-                 "CPU-h: N x the optimiser-step seconds of one run of each variant (1 thread).")
+                 "core-h: N x the optimiser-step seconds of one run of each variant x its torch threads.")
     return "\n".join(lines)
-
-
-def write_json_atomically(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def parse_setting(text: str) -> tuple[str, Path]:
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             for label, folder in map(parse_setting, args.setting)]
     print(markdown(rows, args.variant, args.baseline, args.set, args.effect))
     if args.json:
-        write_json_atomically(args.json, {"set": args.set, "variant": args.variant, "baseline": args.baseline,
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.json, {"set": args.set, "variant": args.variant, "baseline": args.baseline,
                                           "effect": args.effect, "rows": rows})
     return 0
 

@@ -281,9 +281,9 @@ def _load_spread_study():
     return module
 
 
-def _fake_study_folder(folder, per_seed, train_seconds, lr=2e-3):
+def _fake_study_folder(folder, per_seed, train_seconds, lr=2e-3, threads=1):
     """A reproduce folder reduced to what the study reads: results.json (comparisons as
-    ``compare`` writes them, run curves with train_s) and one run's config.json."""
+    ``compare`` writes them, the budget, run curves with train_s) and the runs' config.json."""
     diffs = [d for _, d in per_seed]
     interval = paired_interval(diffs)
     comparison = {"set": "books", "point": "100%", "variant": "mhmoe_h3", "baseline": "smoe",
@@ -291,12 +291,18 @@ def _fake_study_folder(folder, per_seed, train_seconds, lr=2e-3):
                   "wins": sum(d < 0 for d in diffs), "seeds": len(diffs), "eval_se": 0.002,
                   "expected": "lower", "verdict": verdict(interval, True),
                   "per_seed": [{"seed": s, "rel_diff": d, "eval_se": 0.002} for s, d in per_seed]}
-    variants = [{"name": name, "runs": [{"seed": s, "curve": [{"train_s": seconds}]} for s, _ in per_seed]}
-                for name, seconds in (("smoe", train_seconds[0]), ("mhmoe_h3", train_seconds[1]))]
-    (folder / "runs" / "smoe" / f"seed{per_seed[0][0]}").mkdir(parents=True)
-    (folder / "runs" / "smoe" / f"seed{per_seed[0][0]}" / "config.json").write_text(json.dumps(
-        {"train": {"total_steps": 100, "batch_size": 8, "seq_len": 256, "lr": lr}}))
-    (folder / "results.json").write_text(json.dumps({"comparisons": [comparison], "variants": variants}))
+    variants = []
+    for name, seconds in (("smoe", train_seconds[0]), ("mhmoe_h3", train_seconds[1])):
+        runs = []
+        for seed, _ in per_seed:
+            run_dir = folder / "runs" / name / f"seed{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.json").write_text(json.dumps({"train": {"lr": lr, "threads": threads}}))
+            runs.append({"seed": seed, "run_dir": str(run_dir), "curve": [{"train_s": seconds}]})
+        variants.append({"name": name, "runs": runs})
+    (folder / "results.json").write_text(json.dumps({
+        "comparisons": [comparison], "variants": variants,
+        "budget": {"tokens": 100 * 8 * 256, "steps": 100, "batch_size": 8, "seq_len": 256}}))
 
 
 def test_seed_spread_study_reads_the_spread_and_prices_the_seeds(tmp_path, capsys):
@@ -305,7 +311,7 @@ def test_seed_spread_study_reads_the_spread_and_prices_the_seeds(tmp_path, capsy
     train seconds of one run of each variant); missing or bad folders are one clear line."""
     study = _load_spread_study()
     _fake_study_folder(tmp_path / "narrow", [(0, -0.021), (1, -0.019), (2, -0.020)], (600.0, 540.0))
-    _fake_study_folder(tmp_path / "wide", [(0, -0.06), (1, 0.02), (2, -0.02)], (300.0, 300.0), lr=4e-3)
+    _fake_study_folder(tmp_path / "wide", [(0, -0.06), (1, 0.02), (2, -0.02)], (300.0, 300.0), lr=4e-3, threads=2)
     out = tmp_path / "study.json"
     assert study.main(["--setting", f"narrow=={tmp_path / 'narrow'}", "--setting", f"wide={tmp_path / 'wide'}",
                        "--json", str(out)]) == 0
@@ -316,7 +322,7 @@ def test_seed_spread_study_reads_the_spread_and_prices_the_seeds(tmp_path, capsy
     assert narrow["seeds_needed"] == seeds_needed(0.001) == 2
     assert wide["seeds_needed"] == seeds_needed(0.04) > 20
     assert narrow["resolve_cpu_hours"] == pytest.approx(2 * 1140.0 / 3600)
-    assert wide["resolve_cpu_hours"] == pytest.approx(wide["seeds_needed"] * 600.0 / 3600)
+    assert wide["resolve_cpu_hours"] == pytest.approx(wide["seeds_needed"] * 2 * 600.0 / 3600)  # 2 threads
     assert narrow["tokens"] == 100 * 8 * 256 and wide["lr"] == 4e-3
     assert narrow["verdict"] == "holds" and wide["verdict"] == "not resolved"
     assert "| wide | 204,800 | 100 x 8 | 0.004 |" in capsys.readouterr().out
@@ -326,3 +332,6 @@ def test_seed_spread_study_reads_the_spread_and_prices_the_seeds(tmp_path, capsy
         study.main(["--setting", "no-separator"])
     with pytest.raises(SystemExit, match="no comparison of mhmoe_h3 vs smoe on 'wiki'"):
         study.main(["--setting", f"narrow={tmp_path / 'narrow'}", "--set", "wiki"])
+    (tmp_path / "wide" / "runs" / "smoe" / "seed1" / "config.json").unlink()
+    with pytest.raises(SystemExit, match=r"seed1/config.json: cannot be read"):
+        study.main(["--setting", f"wide={tmp_path / 'wide'}"])

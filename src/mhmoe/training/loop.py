@@ -111,14 +111,14 @@ def _compile_probe(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(x) * 2 + 1
 
 
-def check_compile_works(backend: str) -> None:
+def check_compile_works(backend: str, device: torch.device | str = "cpu") -> None:
     """ValueError (one line) unless ``torch.compile`` with ``backend`` builds and runs a small
     function here. Inductor on CPU generates C++ and needs a compiler; without one the failure
     would come as a long traceback at the first training step, after the data is prepared."""
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"--compile-backend {backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}")
     try:
-        torch.compile(_compile_probe, backend=backend, fullgraph=True)(torch.ones(4))
+        torch.compile(_compile_probe, backend=backend, fullgraph=True)(torch.ones(4, device=device))
     except Exception as err:  # any failure of the toolchain (missing compiler, bad flags, ...)
         lines = str(err).strip().splitlines()
         detail = f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
@@ -157,13 +157,17 @@ def moe_layers_run_eagerly(model: torch.nn.Module) -> Iterator[None]:
     and it is removed on exit (a deep copy of the model must not call back into this one).
     """
     layers = balancing.moe_layers(model)
+    previous = [layer.__dict__.get("forward") for layer in layers]  # an instance forward, if any
     for layer in layers:
         layer.forward = torch.compiler.disable(layer.forward)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again
+        for layer, forward in zip(layers, previous):
+            if forward is None:
+                del layer.forward  # the class's forward again
+            else:
+                layer.forward = forward
 
 
 @dataclass

@@ -71,7 +71,7 @@ from mhmoe.runs.eval_windows import FOLDER as EVAL_WINDOWS_FOLDER
 from mhmoe.runs.eval_windows import read_eval_windows
 from mhmoe.runs.metrics import read_metrics
 from mhmoe.runs.validation import check_output_dir
-from mhmoe.runtime import default_threads
+from mhmoe.runtime import default_threads, resolve_device
 from mhmoe.training.loop import check_compile_works
 from mhmoe.training.presets import get_preset
 from mhmoe.training.run import RunOptions, data_settings, run_training
@@ -189,7 +189,7 @@ def reproduce(options: ReproduceOptions) -> dict[str, Any]:
         eval_names = evaluated_sets(run_dirs)
     else:
         if options.run.compile:
-            check_compile_works(options.run.compile_backend)  # before the data work, not in run 1
+            check_compile_works(options.run.compile_backend, resolve_device(options.run.device))  # before the data work
         # Tokenize once: one tokenizer and one set of token caches for every run.
         template = replace(options.run, eval_fractions=fractions, data_dir=data_dir, resume=True)
         if template.threads is None:

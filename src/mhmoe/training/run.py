@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from mhmoe import checks, distributed
 from mhmoe.config import LOAD_BALANCING, ModelConfig, bitnet_config_keeping
@@ -382,11 +383,12 @@ def run_training(options: RunOptions) -> RunResult:
     train_config = train_config_for(options, preset)
     check_batch_memory(train_config)
     if train_config.compile:
-        if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        if os.environ.get("WORLD_SIZE", "1").strip() != "1" or (dist.is_available() and dist.is_initialized()):
             # Not tested with DDP, FSDP2 or expert parallelism (their hooks and collectives).
             raise ValueError("--compile: single-process training only (not under torchrun); run without --compile")
-        check_compile_works(train_config.compile_backend)  # no C++ compiler: one line, now
-    resolve_device(options.device)  # a bad --device fails before the data is prepared
+    device = resolve_device(options.device)  # a bad --device fails before the data is prepared
+    if train_config.compile:
+        check_compile_works(train_config.compile_backend, device)  # no compiler: one line, now
     # The variant's model at this scale (e.g. d_model divisible by the heads) is checked before
     # any data work; the vocabulary is the tokenizer's later, which no shape rule depends on.
     run_model_config(options, preset, spec, options.vocab_size or preset.vocab_size, train_config.seq_len)
