@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py --threads 1                      # the docs/benchmarks.md table
     python benchmarks/bench_decode.py --threads 2 --rounds 5 --json decode.json
+    python benchmarks/bench_decode.py --sections fused --kernel-rows 1 8   # the C++ small-row kernel
 
 For each variant (SMoE and MH-MoE h=3 at a preset's shape, random init): the fp32 model, the
 BitNet b1.58 fake-quant model (eval: the integer inference path of ``mhmoe.bitnet.integer``),
@@ -16,7 +17,12 @@ machine noise hits all cases alike; ratios are ratios of those medians.
 
 Also: resident weight memory (parameters + buffers + the integer weights built at load) and
 that of the quantised matrices alone, and the layer-level ratio: one MH-MoE h=3 layer forward
-(eval, no grad) on ``--layer-tokens`` tokens, fp32 vs BitNet.
+(eval, no grad) on ``--layer-tokens`` tokens, fp32 vs BitNet. The packed export holds each
+quantised matrix once, in the integer kernel's form (its 2-bit buffers released at load); the
+bytes of fbgemm's prepacked weights are those of its blocked copy, inputs padded to 512
+(``mhmoe.bitnet.integer.fbgemm_packed_bytes``, checked against the resident set by
+``tests/test_int_inference.py``). The export is also loaded for each other integer backend, for
+its memory alone (not timed: ``int_mm`` and ``float`` are far slower than fbgemm on CPU).
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ import torch
 from torch import nn
 
 from mhmoe.bitnet.convert import bitnet_modules, to_bitnet
+from mhmoe.bitnet.fused import (
+    FUSED_MAX_ROWS,
+    fused_extension,
+    fused_rmsnorm_small_rows_linear,
+    fused_small_rows_linear,
+)
 from mhmoe.bitnet.integer import (
+    INTEGER_BACKENDS,
     Int8Weight,
     fbgemm_available,
     int_mm_sums,
@@ -45,6 +58,7 @@ from mhmoe.bitnet.integer import (
     integer_weight_bytes,
 )
 from mhmoe.bitnet.layers import (
+    ACTIVATION_EPS,
     BitLinear,
     activation_codes_for_inference,
     weight_quant_codes,
@@ -89,6 +103,13 @@ def build_models(preset: str, variants: list[str], seed: int, workdir: Path) -> 
         names = bitnet_modules(bitnet)
         export_ternary(bitnet, workdir / variant)
         ternary = load_ternary(workdir / variant)
+        fp32_quantised = quantised_matrix_bytes(fp32, names)
+        memory_by_backend = {}  # the export loaded for each integer backend: memory only
+        for backend in INTEGER_BACKENDS:
+            if backend != "fbgemm" or fbgemm_available():
+                loaded = load_ternary(workdir / variant, backend=backend)
+                memory_by_backend[backend] = quantised_matrix_bytes(loaded, names) / fp32_quantised
+                del loaded
         with torch.no_grad():  # builds the fake-quant model's integer weights once, as a load would
             bitnet(torch.zeros(1, 1, dtype=torch.long))
         for label, model, integer_on in (
@@ -100,6 +121,7 @@ def build_models(preset: str, variants: list[str], seed: int, workdir: Path) -> 
                 "resident_bytes": tensor_bytes(model) + integer_weight_bytes(model),
                 "quantised_bytes": quantised_matrix_bytes(model, names),
             }
+        cases[f"{variant}/ternary"]["quantised_ratio_by_backend"] = memory_by_backend
     return cases
 
 
@@ -297,6 +319,64 @@ def run_kernels(rows_list: list[int], rounds: int, seed: int) -> list[dict[str, 
     return out
 
 
+@torch.no_grad()
+def run_fused(rows_list: list[int], rounds: int, seed: int) -> list[dict[str, Any]] | None:
+    """Per shape and row count (<= ``FUSED_MAX_ROWS``), interleaved medians (seconds) of: the fp32
+    ``nn.Linear``; ``BitLinear``'s integer forward (fbgemm); the fused C++ quantise + int8 GEMV +
+    scale after the inner RMSNorm in PyTorch (``fused_small_rows_linear``, bit-equal to the
+    integer forward); the same with the RMSNorm fused too (``fused_rmsnorm_small_rows_linear``).
+    None when the extension does not build here."""
+    if fused_extension() is None:
+        return None
+    out = []
+    generator = torch.Generator().manual_seed(seed)
+    for name, (d_in, d_out) in KERNEL_SHAPES.items():
+        linear = nn.Linear(d_in, d_out, bias=False).eval()
+        bit = BitLinear.from_linear(linear).eval()
+        weight_codes, gamma = weight_quant_codes(linear.weight)
+        codes_w, gamma_1 = weight_codes.to(torch.int8), gamma.reshape(1)
+        for rows in [r for r in rows_list if r <= FUSED_MAX_ROWS]:
+            x = torch.randn(rows, d_in, generator=generator)
+            cases: dict[str, Callable[[], Any]] = {
+                "fp32_matmul": lambda linear=linear, x=x: linear(x),
+                "bitlinear_integer_forward": lambda bit=bit, x=x: bit(x),
+                "fused_after_torch_norm": lambda bit=bit, x=x, c=codes_w, g=gamma_1:
+                    fused_small_rows_linear(bit.norm(x), c, g, ACTIVATION_EPS),
+                "fused_with_norm": lambda bit=bit, x=x, c=codes_w, g=gamma_1:
+                    fused_rmsnorm_small_rows_linear(x, bit.norm.weight, c, g, bit.norm.eps, ACTIVATION_EPS),
+            }
+            reference = bit(x)
+            times: dict[str, list[float]] = {k: [] for k in cases}
+            repeats = 200
+            for round_index in range(rounds + 1):
+                for key, fn in cases.items():
+                    start = CLOCK()
+                    for _ in range(repeats):
+                        fn()
+                    if round_index:
+                        times[key].append((CLOCK() - start) / repeats)
+            out.append({"shape": name, "in": d_in, "out": d_out, "rows": rows,
+                        "fused_equals_integer_forward": bool(torch.equal(cases["fused_after_torch_norm"](), reference)),
+                        "fused_with_norm_max_abs_diff": float((cases["fused_with_norm"]() - reference).abs().max()),
+                        **{k: statistics.median(v) for k, v in times.items()}})
+    return out
+
+
+def fused_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [("| matrix (in x out) | rows | fp32 matmul us | BitLinear integer forward us | fused (norm in torch) us | "
+              "fused with norm us | fp32 / fused | integer forward / fused | fp32 / fused with norm | "
+              "fused == integer forward | fused with norm max abs diff |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in rows:
+        fp32, bit = k["fp32_matmul"], k["bitlinear_integer_forward"]
+        fused, with_norm = k["fused_after_torch_norm"], k["fused_with_norm"]
+        lines.append(f"| {k['shape']} ({k['in']} x {k['out']}) | {k['rows']} | {fp32 * 1e6:.1f} | {bit * 1e6:.1f} | "
+                     f"{fused * 1e6:.1f} | {with_norm * 1e6:.1f} | {fp32 / fused:.2f} | {bit / fused:.2f} | "
+                     f"{fp32 / with_norm:.2f} | {k['fused_equals_integer_forward']} | "
+                     f"{k['fused_with_norm_max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
 def kernel_markdown(kernels: list[dict[str, Any]]) -> str:
     lines = [("| matrix (in x out) | rows | fp32 matmul us | fbgemm int8 us | torch._int_mm us | "
               "BitLinear integer forward us | fp32 / fbgemm | fp32 / BitLinear |"),
@@ -358,6 +438,9 @@ def markdown(report: dict[str, Any], cases: dict[str, dict[str, Any]]) -> str:
         f"{name} {case['quantised_bytes'] / cases[name.split('/')[0] + '/fp32']['quantised_bytes']:.3f}"
         for name, case in cases.items() if case["kind"] == "ours" and not name.endswith("/fp32")
         and not name.endswith("_float"))]
+    lines += ["", "Packed export loaded per integer backend, quantised matrices resident / fp32: " + "; ".join(
+        f"{name} " + ", ".join(f"{backend} {ratio:.3f}" for backend, ratio in case["quantised_ratio_by_backend"].items())
+        for name, case in cases.items() if "quantised_ratio_by_backend" in case)]
     layer = report.get("layer")
     if layer:
         med = layer["median_s"]
@@ -384,8 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="leave out the transformers Qwen3-MoE")
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                         help="cpu: process CPU time; wall: wall clock; auto: cpu at 1 thread, else wall")
-    parser.add_argument("--sections", nargs="+", choices=("decode", "layer", "kernels"),
-                        default=["decode", "layer", "kernels"])
+    parser.add_argument("--sections", nargs="+", choices=("decode", "layer", "kernels", "fused"),
+                        default=["decode", "layer", "kernels"],
+                        help="fused: the optional C++ small-row kernel (built at first use, minutes)")
     parser.add_argument("--kernel-rows", type=int, nargs="+", default=[1, 8, 64, 2048])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -433,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     if "kernels" in args.sections:
         say("kernel level")
         report["kernels"] = run_kernels(args.kernel_rows, args.layer_rounds, args.seed)
+    if "fused" in args.sections:
+        say("fused small-row kernel (builds the C++ extension at first use)")
+        report["fused"] = run_fused(args.kernel_rows, args.layer_rounds, args.seed)
     report["load_average_after"] = os.getloadavg()
     print(markdown(report, cases))
     if "layer" in report and "decode" not in report:
@@ -442,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{layer['speedup_bitnet_float_vs_fp32']:.2f}")
     if "kernels" in report:
         print("\n" + kernel_markdown(report["kernels"]))
+    if "fused" in report:
+        print("\n" + (fused_markdown(report["fused"]) if report["fused"] is not None
+                      else "fused small-row kernel: the C++ extension did not build here"))
     print(f"\nclock: {clock}; load average before/after: {load} / {report['load_average_after']}")
     if args.json:
         # atomic: an interrupted run never leaves a truncated report for later comparisons

@@ -3,18 +3,25 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
 from torch.nn.utils import parametrize
+from torch.utils import cpp_extension
 
 from mhmoe import MHMoE
 from mhmoe import model as model_mod
-from mhmoe.bitnet import integer
+from mhmoe.bitnet import fused, integer, ternary
 from mhmoe.bitnet import layers as layers_mod
 from mhmoe.bitnet.convert import to_bitnet
 from mhmoe.bitnet.integer import (
@@ -28,6 +35,7 @@ from mhmoe.bitnet.layers import (
     BitExperts,
     BitLinear,
     BitRouter,
+    activation_codes_for_inference,
     activation_quant_codes,
     weight_quant_codes,
 )
@@ -154,7 +162,10 @@ def test_integer_path_only_without_autograd_and_cache_follows_the_weights():
         layer.weight.mul_(-1.0)  # an optimiser-like in-place update: the cache must follow
         flipped = layer(x)
     torch.testing.assert_close(flipped, -first, rtol=1e-6, atol=1e-6)
-    assert integer_weight_bytes(layer) == 16 * 8 + 4 * 8 * (fbgemm_available()) + 4
+    # fbgemm: its blocked copy (inputs padded to 512, outputs to 8, int32 column offsets); else
+    # one byte a weight; + gamma (4 bytes)
+    weight_bytes = integer.fbgemm_packed_bytes(8, 16) if fbgemm_available() else 16 * 8
+    assert integer_weight_bytes(layer) == weight_bytes + 4
 
 
 def test_inference_activation_codes_equal_the_training_quantiser():
@@ -258,11 +269,206 @@ def test_packed_load_keeps_no_float_copy_of_the_quantised_matrices(tmp_path):
         quantised_numel += sum(torch.Size(s).numel() for s in weight_shapes.values())
         for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             assert not (tensor.is_floating_point() and tensor.numel() >= big), f"float copy {name}"
-        assert integer.cached_weights(module), "integer weights are built at load"
-    # resident integer weights: one byte per quantised weight, plus 4-8 bytes of scales and
-    # column offsets per output row (large here: the tiny model's rows are 8-48 wide), far
-    # below float32's four bytes
-    assert quantised_numel <= integer_weight_bytes(loaded) < 1.5 * quantised_numel
+        # built at load, owned by the module, the 2-bit buffers released (one copy resident)
+        assert module.packed_released() and module.owned_integer_weights()
+        assert not integer.cached_weights(module)
+        assert all(getattr(module, f"{name}_packed").numel() == 0 for name in weight_shapes)
+    # fbgemm pads the inputs to 512: many bytes a weight at these tiny widths (8-48 inputs);
+    # exact accounting is tested in test_released_packed_model_holds_a_quarter_of_fp32
+    assert integer_weight_bytes(loaded) >= quantised_numel
+
+
+def _quantised_matrices(model):
+    """(packed modules, number of quantised weights) of a loaded ternary model."""
+    modules = [m for m in model.modules() if isinstance(m, ternary._PackedTernary)]
+    return modules, sum(torch.Size(shape).numel() for m in modules for shape in m.weight_shapes.values())
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "float"])
+def test_released_packed_model_holds_a_quarter_of_fp32_and_same_logits(tmp_path, backend):
+    torch.manual_seed(0)
+    model = to_bitnet(tiny_lm(), quantize_router=True).eval()
+    export_ternary(model, tmp_path)
+    loaded = load_ternary(tmp_path, backend=backend)
+    modules, numel = _quantised_matrices(loaded)
+    assert modules and all(m.packed_released() for m in modules)
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        released_logits = loaded(ids).logits  # the load's backend, no integer_inference block
+        with integer_inference(True, backend):
+            fake_quant_logits = model(ids).logits
+        with integer_inference(False):
+            released_float = loaded(ids).logits
+    # Resident bytes of the quantised matrices: the modules' own tensors (the emptied 2-bit
+    # buffers, the scale buffers) plus the integer weights they own. int8 codes: one byte a
+    # weight, exactly; the allowance is the scales (gamma per output row for the experts'
+    # fused gate/up; 1/in_features of fp32 = 4.2% at the tiny experts' 24 inputs).
+    own = sum(t.numel() * t.element_size() for m in modules
+              for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False))
+              if t.dim() and t.numel() and not isinstance(t, nn.Parameter))
+    weights = sum(w.weight.nbytes() if isinstance(w, integer.IntegerLinearWeight)
+                  else sum(x.nbytes() for x in w.up + w.down) for m in modules for w in m.owned_integer_weights())
+    assert weights == numel  # one byte a weight, nothing else
+    scale_allowance = 0.05
+    assert (own + integer_weight_bytes(loaded)) / (4 * numel) <= 0.25 + scale_allowance
+    # Dropping the buffers changes nothing: the same logits as the fake-quant model (same codes,
+    # same kernels) and as the buffers restored; the float path too.
+    assert torch.equal(released_logits, fake_quant_logits)
+    loaded.to("cpu")  # a move keeps the load's backend (and the memory)
+    assert all(m.packed_released() and m.owned_integer_weights()[0].nbytes() < 4 * numel for m in modules)
+    assert {ternary._integer_form_backend(m.owned_integer_weights()[0]) for m in modules} == {backend}
+    for m in modules:
+        m.restore_packed()
+        assert not m.packed_released() and getattr(m, f"{next(iter(m.weight_shapes))}_packed").numel() > 0
+    with torch.no_grad(), integer_inference(True, backend):
+        assert torch.equal(loaded(ids).logits, released_logits)
+    with torch.no_grad(), integer_inference(False):
+        assert torch.equal(loaded(ids).logits, released_float)
+
+
+def test_fbgemm_packed_bytes_match_the_resident_memory_they_take():
+    # fbgemm's prepacked weight is opaque: measure it. In a fresh process, the growth of the
+    # resident set over many prepacked copies of one 64 x 192 matrix (192 inputs, padded to 512).
+    if not fbgemm_available():
+        pytest.skip("this PyTorch build has no fbgemm")
+    code = (
+        "import torch, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "torch.backends.quantized.engine = 'fbgemm'\n"
+        "q = torch._make_per_tensor_quantized_tensor(torch.ones(64, 192, dtype=torch.int8), 1.0, 0)\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "keep = [torch.ops.quantized.linear_prepack(q, None)]\n"
+        "before = rss()\n"
+        "keep += [torch.ops.quantized.linear_prepack(q, None) for _ in range(400)]\n"
+        "print((rss() - before) / 400)\n"
+    )
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("no /proc/self/statm to read the resident set from")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    measured = float(result.stdout.strip())
+    predicted = integer.fbgemm_packed_bytes(64, 192)
+    assert predicted == 512 * 64 + 4 * 64
+    assert 0.85 * predicted <= measured <= 1.2 * predicted, (measured, predicted)
+    assert measured > 2 * 64 * 192  # not one byte a weight: the padding is real
+
+
+def test_released_packed_modules_keep_state_dict_reexport_moves_and_copies(tmp_path):
+    torch.manual_seed(0)
+    model = to_bitnet(tiny_lm(), quantize_router=True).eval()
+    export_ternary(model, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / ternary.WEIGHTS_FILE), framework="pt") as fh:
+        file_tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open is no dict
+    loaded = load_ternary(tmp_path / "a")
+    modules, _ = _quantised_matrices(loaded)
+    assert all(m.packed_released() for m in modules)
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    # state_dict: the 2-bit bytes re-packed from the integer weights, equal to the file's
+    state = loaded.state_dict()
+    for key, tensor in file_tensors.items():
+        assert torch.equal(state[key], tensor), key
+    # a re-export of the loaded model is the same export
+    export_ternary(loaded, tmp_path / "b")
+    again = load_ternary(tmp_path / "b")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+    # load_state_dict into a released model: restored, loaded, released again
+    torch.manual_seed(1)
+    other_model = to_bitnet(tiny_lm(), quantize_router=True).eval()
+    export_ternary(other_model, tmp_path / "c")
+    other = load_ternary(tmp_path / "c")
+    with torch.no_grad():
+        other_logits = other(ids).logits
+        assert not torch.equal(other_logits, logits)
+        again.load_state_dict(other.state_dict())
+        assert all(m.packed_released() for m in _quantised_matrices(again)[0])
+        assert torch.equal(again(ids).logits, other_logits)
+    # deepcopy, .to (restored, moved, released again), a scale edited in place
+    copied = copy.deepcopy(loaded)
+    moved = loaded.to("cpu", torch.float64)  # float64: the scale buffers change: rebuilt
+    assert all(m.packed_released() for m in _quantised_matrices(moved)[0])
+    with torch.no_grad():
+        assert torch.equal(copied(ids).logits, logits)
+        torch.testing.assert_close(moved(ids).logits.float(), logits, rtol=1e-4, atol=1e-4)
+        # gamma of the experts' down projection: the owned weights follow (seen in the experts'
+        # output: the merge layer's inner RMSNorm hides a uniform scale from the logits)
+        experts = copied.blocks[1].ffn.experts
+        x_MS, offsets_E = torch.randn(5, experts.d_in), torch.tensor([1, 2, 3, 4, 5, 5], dtype=torch.int32)
+        before = experts(x_MS, offsets_E)
+        experts.w2_scale.mul_(2.0)
+        torch.testing.assert_close(experts(x_MS, offsets_E), 2 * before, rtol=1e-6, atol=1e-7)
+        copied.blocks[1].ffn.merge.weight_scale.mul_(1.5)  # the merge output goes to the residual
+        edited = copied(ids).logits
+        assert (edited - logits).abs().max() > 1e-3
+        reference = copy.deepcopy(copied)
+        for m in _quantised_matrices(reference)[0]:
+            m.restore_packed()  # integer weights rebuilt from the buffers and the edited scale
+        assert torch.equal(reference(ids).logits, edited)
+    with pytest.raises(ValueError, match="integer backend 'fast': must be one of"):
+        load_ternary(tmp_path / "a", backend="fast")
+    # loaded and run under inference_mode (its tensors have no version counter)
+    with torch.inference_mode():
+        assert torch.equal(load_ternary(tmp_path / "a")(ids).logits, logits)
+
+
+def test_fused_extension_falls_back_silently_when_it_cannot_be_built(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
+    fused.fused_extension.cache_clear()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="mhmoe.bitnet.fused"):
+            codes = torch.zeros(4, 8, dtype=torch.int8)
+            assert fused.fused_small_rows_linear(torch.randn(1, 8), codes, torch.ones(1), 1e-5) is None
+            assert fused.fused_small_rows_linear(torch.randn(2, 8), codes, torch.ones(1), 1e-5) is None
+        messages = [r.getMessage() for r in caplog.records if r.name == "mhmoe.bitnet.fused"]
+        assert len(messages) == 1 and "no C++ compiler" in messages[0]  # logged once
+        assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "mhmoe.bitnet.fused")
+    finally:
+        fused.fused_extension.cache_clear()  # the next caller builds (or loads the cached build)
+
+
+@pytest.mark.slow
+def test_fused_small_rows_equal_the_integer_path_and_exact_sums():
+    # Builds the C++ extension (minutes the first time; cached in torch's extension dir after).
+    if fused.fused_extension() is None:
+        pytest.fail("the fused extension did not build here (a C++ compiler is needed)")
+    generator = torch.Generator().manual_seed(0)
+    # Exact integer sums: rows whose max |x| is 127 make s = (1 / 127) * 127 = 1 in float32, so
+    # with gamma 1 the output is the int32 sum itself; all codes at +-127/128 extremes included.
+    x = torch.randint(-127, 128, (5, 192), generator=generator).float()
+    x[:, 0] = 127.0
+    codes_w = torch.randint(-1, 2, (64, 192), generator=generator).to(torch.int8)
+    codes_w[0] = 1
+    assert (1.0 / torch.tensor(127.0)) * 127 == 1.0
+    sums = fused.fused_small_rows_linear(x, codes_w, torch.ones(1), 1e-5)
+    assert torch.equal(sums.double(), x.double() @ codes_w.double().t())
+    # Against the fbgemm/PyTorch integer path of BitLinear (same codes, same scale operations)
+    for rows in (1, 3, fused.FUSED_MAX_ROWS):
+        layer = BitLinear(96, 40).eval()
+        x = torch.randn(rows, 96, generator=generator) * 3
+        with torch.no_grad():
+            reference = layer(x)
+            codes_OI, gamma = weight_quant_codes(layer.weight)
+            y = fused.fused_small_rows_linear(layer.norm(x), codes_OI.to(torch.int8), gamma.reshape(1), 1e-5)
+        assert torch.equal(y, reference)
+        # The RMSNorm fused too: its sum of squares in another order can move an input code at a
+        # .5 boundary by one step, which moves each output by at most gamma / s (|W_q| <= 1).
+        y_norm = fused.fused_rmsnorm_small_rows_linear(x, layer.norm.weight, codes_OI.to(torch.int8),
+                                                       gamma.reshape(1), layer.norm.eps, 1e-5)
+        _, scale = activation_codes_for_inference(layer.norm(x))
+        one_code_step = (gamma / scale).max().item()
+        torch.testing.assert_close(y_norm, reference, rtol=1e-5, atol=one_code_step * 1.01)
+        per_output = torch.rand(40, generator=generator) + 0.5  # a gamma per output row (experts' fused gate/up)
+        with torch.no_grad():
+            codes_x, scale = activation_codes_for_inference(layer.norm(x))
+            expected = integer.integer_linear(codes_x, scale, integer.Int8Weight(codes_OI, "float"), per_output)
+            y = fused.fused_small_rows_linear(layer.norm(x), codes_OI.to(torch.int8), per_output, 1e-5)
+        torch.testing.assert_close(y, expected, rtol=2e-7, atol=0)
+    with pytest.raises(ValueError, match="at most 8"):
+        fused.fused_small_rows_linear(torch.randn(9, 96), codes_OI.to(torch.int8), gamma.reshape(1), 1e-5)
 
 
 # ---------------------------------------------------------------------------------- small batch

@@ -165,8 +165,9 @@ def _quiet_quantized(fn: Callable[..., Any], *args: Any) -> Any:
 class Int8Weight:
     """One ternary matrix W_q (O, I) in the form a backend multiplies with.
 
-    ``fbgemm``: the prepacked int8 weight (about O * I bytes); ``int_mm``/``float``: int8 codes,
-    stored (I, O)-transposed view of an (O, I) contiguous tensor. Never a float copy.
+    ``fbgemm``: the prepacked int8 weight (``fbgemm_packed_bytes``: O * I bytes once the input
+    dimension is padded to 512); ``int_mm``/``float``: the int8 codes (O, I), one byte a weight.
+    Never a float copy.
     """
 
     def __init__(self, codes_OI: torch.Tensor, backend: str) -> None:
@@ -189,10 +190,19 @@ class Int8Weight:
         self.device = codes_OI.device
 
     def nbytes(self) -> int:
-        """Resident bytes: one per weight, plus fbgemm's int32 column offsets."""
+        """Resident bytes: ``fbgemm_packed_bytes`` for fbgemm (its blocked copy pads the input
+        dimension), else one byte per weight."""
         if self.backend == "fbgemm":
-            return self.out_features * self.in_features + 4 * self.out_features
+            return fbgemm_packed_bytes(self.out_features, self.in_features)
         return self.codes_OI.numel()
+
+    def codes(self) -> torch.Tensor:
+        """W_q (O, I) as int8 codes: the kept tensor (``int_mm``/``float``, do not modify it), or
+        a new tensor unpacked from fbgemm's blocked copy (exact: the codes were packed as is)."""
+        if self.backend == "fbgemm":
+            qweight, _ = _quiet_quantized(torch.ops.quantized.linear_unpack, self.packed)
+            return qweight.int_repr()
+        return self.codes_OI
 
     def integer_sums(self, codes_MI: torch.Tensor) -> torch.Tensor:
         """x_codes @ W_q^T as float32 (M, O), exact; ``codes_MI`` integral floats in [-128, 127]."""
@@ -206,6 +216,23 @@ class Int8Weight:
         if self.backend == "int_mm":
             return int_mm_sums(codes_MI, self.codes_OI)
         return float_sums(codes_MI, self.codes_OI)
+
+
+FBGEMM_K_BLOCK = 512
+FBGEMM_N_BLOCK = 8
+"""fbgemm's int8 weight packing (``PackBMatrix``, AVX2) stores the (I, O) matrix in blocks of
+512 inputs x 8 outputs, zero-padded: a 192-wide matrix takes 512 / 192 = 2.7 bytes a weight, a
+64-wide one 8. Measured on this project's AVX2 CPU (torch 2.13) by the resident-memory growth of
+many prepacked weights (``tests/test_int_inference.py``); other instruction sets may block
+differently."""
+
+
+def fbgemm_packed_bytes(out_features: int, in_features: int) -> int:
+    """Resident bytes of fbgemm's prepacked int8 weight (O, I): the padded blocks, plus its int32
+    column offsets (one per output)."""
+    padded_in = -(-in_features // FBGEMM_K_BLOCK) * FBGEMM_K_BLOCK
+    padded_out = -(-out_features // FBGEMM_N_BLOCK) * FBGEMM_N_BLOCK
+    return padded_in * padded_out + 4 * out_features
 
 
 @contextlib.contextmanager
@@ -287,8 +314,14 @@ def optimizer_generation() -> int:
     return _optimizer_generation
 
 
+def version_counter(t: torch.Tensor) -> int | None:
+    """``t._version``; None for a tensor made under ``torch.inference_mode``, which has no
+    version counter (its in-place edits are not seen: ``clear_cache`` after them)."""
+    return None if t.is_inference() else t._version
+
+
 def _source_key(sources: tuple[torch.Tensor, ...], backend: str) -> tuple:
-    return (backend, _optimizer_generation, *((t.data_ptr(), t._version, t.device) for t in sources))
+    return (backend, _optimizer_generation, *((t.data_ptr(), version_counter(t), t.device) for t in sources))
 
 
 def _own_tensors(module: nn.Module, sources: tuple[torch.Tensor, ...]) -> bool:
@@ -341,8 +374,15 @@ def clear_cache(module: nn.Module | None = None) -> None:
 
 
 def integer_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the integer weights cached for the modules of ``model``."""
-    return sum(value.nbytes() for module in model.modules() for value in cached_weights(module))
+    """Bytes of the integer weights of the modules of ``model``: those in the cache, and those a
+    module owns instead (``owned_integer_weights()``: the packed ternary modules of
+    ``mhmoe.bitnet.ternary`` once their 2-bit buffers are released)."""
+    total = 0
+    for module in model.modules():
+        owned = getattr(module, "owned_integer_weights", None)
+        values = cached_weights(module) + (owned() if owned is not None else [])
+        total += sum(value.nbytes() for value in values)
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +457,7 @@ __all__ = [
     "clear_cache",
     "default_backend",
     "fbgemm_available",
+    "fbgemm_packed_bytes",
     "float_sums",
     "int_mm_sums",
     "integer_inference",
@@ -425,5 +466,6 @@ __all__ = [
     "integer_weight_bytes",
     "optimizer_generation",
     "use_integer_path",
+    "version_counter",
 ]
 

@@ -279,12 +279,12 @@ class _TernaryMatrixMath(_IntegerCacheOwner):
         """W_q as int8 for the device's integer kernel, built once (``mhmoe.bitnet.integer``)."""
         sources = self.integer_sources()
         backend = default_backend(sources[0].device)
+        return cached(self, "weight", sources, backend, lambda: self.build_integer_weight(backend))
 
-        def build() -> IntegerLinearWeight:
-            codes_OI, gamma = self.ternary_codes()
-            return IntegerLinearWeight(Int8Weight(codes_OI, backend), _scale_for_integer(gamma).reshape(()))
-
-        return cached(self, "weight", sources, backend, build)
+    def build_integer_weight(self, backend: str) -> IntegerLinearWeight:
+        """A new integer form of W_q for ``backend`` (uncached)."""
+        codes_OI, gamma = self.ternary_codes()
+        return IntegerLinearWeight(Int8Weight(codes_OI, backend), _scale_for_integer(gamma).reshape(()))
 
 
 class _BitLinearMath(_TernaryMatrixMath):
@@ -407,31 +407,31 @@ class _BitExpertsMath(_IntegerCacheOwner):
         """The experts' ternary matrices as int8, per expert, built once."""
         sources = self.integer_sources()
         backend = default_backend(sources[0].device)
+        return cached(self, "experts", sources, backend, lambda: self.build_integer_weights(backend))
 
-        def build() -> IntegerExpertWeights:
-            # int8 codes (expert_codes returns int8; .to is a no-op then): the fused (E, 2F, S)
-            # up matrix is one byte a weight, where concatenating float32 codes allocated four
-            # more per weight, on top of the float codes themselves, at build.
-            codes = self.expert_codes()
-            w1_codes, gamma1_E = codes["w1"]
-            num_experts, d_hidden = w1_codes.shape[:2]
-            gamma1_EF = _scale_for_integer(gamma1_E).reshape(-1, 1).expand(num_experts, d_hidden)
-            if self.activation == "swiglu":
-                w3_codes, gamma3_E = codes["w3"]
-                up_EGS = torch.cat([w1_codes.to(torch.int8), w3_codes.to(torch.int8)], dim=1)  # 2 x (E, F, S) -> (E, 2F, S)
-                gamma3_EF = _scale_for_integer(gamma3_E).reshape(-1, 1).expand(num_experts, d_hidden)
-                gamma_up_EG = torch.cat([gamma1_EF, gamma3_EF], dim=1)  # (E, 2F)
-            else:
-                up_EGS, gamma_up_EG = w1_codes, gamma1_EF
-            w2_codes, gamma2_E = codes["w2"]
-            return IntegerExpertWeights(
-                [Int8Weight(up_EGS[e], backend) for e in range(num_experts)],
-                gamma_up_EG.contiguous(),
-                [Int8Weight(w2_codes[e], backend) for e in range(num_experts)],
-                _scale_for_integer(gamma2_E).reshape(-1),
-            )
-
-        return cached(self, "experts", sources, backend, build)
+    def build_integer_weights(self, backend: str) -> IntegerExpertWeights:
+        """A new integer form of the experts' matrices for ``backend`` (uncached)."""
+        # int8 codes (expert_codes returns int8; .to is a no-op then): the fused (E, 2F, S)
+        # up matrix is one byte a weight, where concatenating float32 codes allocated four
+        # more per weight, on top of the float codes themselves, at build.
+        codes = self.expert_codes()
+        w1_codes, gamma1_E = codes["w1"]
+        num_experts, d_hidden = w1_codes.shape[:2]
+        gamma1_EF = _scale_for_integer(gamma1_E).reshape(-1, 1).expand(num_experts, d_hidden)
+        if self.activation == "swiglu":
+            w3_codes, gamma3_E = codes["w3"]
+            up_EGS = torch.cat([w1_codes.to(torch.int8), w3_codes.to(torch.int8)], dim=1)  # 2 x (E, F, S) -> (E, 2F, S)
+            gamma3_EF = _scale_for_integer(gamma3_E).reshape(-1, 1).expand(num_experts, d_hidden)
+            gamma_up_EG = torch.cat([gamma1_EF, gamma3_EF], dim=1)  # (E, 2F)
+        else:
+            up_EGS, gamma_up_EG = w1_codes, gamma1_EF
+        w2_codes, gamma2_E = codes["w2"]
+        return IntegerExpertWeights(
+            [Int8Weight(up_EGS[e], backend) for e in range(num_experts)],
+            gamma_up_EG.contiguous(),
+            [Int8Weight(w2_codes[e], backend) for e in range(num_experts)],
+            _scale_for_integer(gamma2_E).reshape(-1),
+        )
 
     def _hidden(self, x_q: torch.Tensor, mm, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.activation == "swiglu":

@@ -19,9 +19,11 @@ Format (``FORMAT`` = "mhmoe-ternary", version 1), one directory:
 
 Loading (``load_ternary``) builds the full-precision model skeleton (on the meta device for
 the LM), replaces the quantised modules by ``TernaryLinear`` / ``TernaryExperts`` /
-``TernaryRouter``, which keep the packed uint8 codes resident, and loads the file; then
+``TernaryRouter`` and loads the file into their packed uint8 buffers; then
 ``prepare_integer_inference`` unpacks every matrix once into the int8 form of the integer
-kernels (``mhmoe.bitnet.integer``; no float copy of a quantised matrix is made). Inference runs
+kernels (``mhmoe.bitnet.integer``; no float copy of a quantised matrix is made), which the
+module keeps as its only copy, releasing the 2-bit buffers (``_PackedTernary``: ``state_dict``,
+re-export, ``.to`` and the float path get the 2-bit form back from the int8 codes). Inference runs
 y = (x_codes @ W_q^T) * gamma / s with int32 sums; activations are quantised exactly as in
 training. The fake-quant model's eval runs the same kernels on the same codes, so the packed
 model's logits equal the fake-quant model's bit for bit in float32 (``tests/test_quant.py``,
@@ -29,8 +31,10 @@ model's logits equal the fake-quant model's bit for bit in float32 (``tests/test
 training (the packed model then unpacks per forward, gamma * W_q, the same expression).
 
 Sizes: a quantised weight takes 2 bits + one float32 per tensor (per expert) on disk, against 32
-(fp32) or 16 (bf16) bits; resident, 2 bits + 8 bits (the integer kernels' int8 form, plus 4-8
-bytes per output row of scales and fbgemm column offsets). Embeddings and the LM head stay full
+(fp32) or 16 (bf16) bits; resident, the integer kernels' form alone: 8 bits for ``int_mm`` /
+``float`` (a quarter of fp32, plus 4-8 bytes per output row of scales); for fbgemm its blocked
+copy, whose input dimension is padded to a multiple of 512 (``fbgemm_packed_bytes``: 8 bits a
+weight at 512 inputs, 21 bits at 192, 64 bits at 64). Embeddings and the LM head stay full
 precision and dominate small models.
 """
 
@@ -40,6 +44,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,16 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
+from mhmoe.bitnet.integer import (
+    IntegerExpertWeights,
+    IntegerLinearWeight,
+    check_backend,
+    clear_cache,
+    default_backend,
+    integer_inference,
+    integer_inference_state,
+    version_counter,
+)
 from mhmoe.bitnet.layers import (
     BitExperts,
     BitLinear,
@@ -165,15 +180,14 @@ def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...] | list[int] | to
 # --------------------------------------------------------------------------------------------
 
 
-def _unpacked_weight(module: nn.Module, name: str) -> torch.Tensor:
-    codes, scale = _codes_and_scale(module, name)
+def _unpacked_weight(module: _PackedTernary, name: str) -> torch.Tensor:
+    codes, scale = _codes_and_scale(module, name, module.ternary_code_tensors()[name])
     return dequantize_weight(codes.to(scale.dtype), scale)
 
 
-def _codes_and_scale(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _codes_and_scale(module: _PackedTernary, name: str, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes of ``name`` in their shape, gamma: () per tensor, (E,) per expert)."""
     scale = getattr(module, f"{name}_scale")
-    codes = _unpack(getattr(module, f"{name}_packed"), module.weight_shapes[name])
     if scale.numel() == 1 and codes.dim() == 2:
         scale = scale.reshape(())  # per tensor: (1,) -> ()
     return codes, scale
@@ -185,7 +199,149 @@ def _register_packed(module: nn.Module, name: str, shape: tuple[int, ...], num_s
     module.weight_shapes[name] = shape
 
 
-class TernaryLinear(_BitLinearMath, nn.Module):
+class _PackedTernary(nn.Module):
+    """The packed 2-bit weights of a ternary module, or, once released, its integer weights alone.
+
+    After ``release_packed`` (``prepare_integer_inference`` calls it), the module owns the
+    integer weights the kernels read (``mhmoe.bitnet.integer``: fbgemm's prepacked int8, or int8
+    codes) and its ``<W>_packed`` buffers are empty: one copy of each quantised matrix stays
+    resident instead of two. The integer weights hold the codes exactly, so everything that
+    needs the 2-bit form gets it back from them on demand:
+
+    * ``state_dict`` (hence a re-export, ``torch.save``): ``<W>_packed`` re-packed from the codes,
+      the same bytes as the file loaded;
+    * ``load_state_dict``: the buffers are restored, loaded, and released again;
+    * ``.to(device)`` and every other ``_apply``: restored, moved, released again (for the same
+      backend on the same device type, else for the new device's default one);
+    * the float path (``integer_inference(False)``, train mode): codes unpacked per forward, as
+      from the buffers.
+
+    Not in the ``mhmoe.bitnet.integer`` cache (an optimiser step anywhere in the process
+    invalidates every cache entry, and nothing would be left to rebuild from); rebuilt from their
+    own codes when a ``<W>_scale`` buffer is replaced or changed in place.
+    """
+
+    weight_shapes: dict[str, tuple[int, ...]]
+    _owned_integer: Any = None  # the integer weights once released (class default: not released)
+    _owned_scales: tuple[tuple[torch.Tensor, int | None], ...] = ()  # (scale buffer, version) they used
+
+    # -- what subclasses provide ---------------------------------------------------------
+    def build_integer_form(self, backend: str) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def codes_from_integer_form(self, integer: Any) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- state -----------------------------------------------------------------------------
+    def packed_released(self) -> bool:
+        return self._owned_integer is not None
+
+    def owned_integer_weights(self) -> list[Any]:
+        """The integer weights this module owns (for ``integer_weight_bytes``)."""
+        return [] if self._owned_integer is None else [self._owned_integer]
+
+    def ternary_code_tensors(self) -> dict[str, torch.Tensor]:
+        """Every weight's int8 codes in its shape: from the 2-bit buffers, or, once released, from
+        the integer weights (exactly the same values)."""
+        if self._owned_integer is None:
+            return {name: _unpack(getattr(self, f"{name}_packed"), shape) for name, shape in self.weight_shapes.items()}
+        return self.codes_from_integer_form(self._owned_integer)
+
+    def _scales_key(self) -> tuple[tuple[torch.Tensor, int | None], ...]:
+        return tuple((getattr(self, f"{name}_scale"), version_counter(getattr(self, f"{name}_scale")))
+                     for name in self.weight_shapes)
+
+    def _scales_unchanged(self) -> bool:
+        now = self._scales_key()
+        return len(now) == len(self._owned_scales) and all(
+            t is old_t and v == old_v for (t, v), (old_t, old_v) in zip(now, self._owned_scales))
+
+    def release_packed(self) -> None:
+        """Build the integer weights for the device's default backend, keep them, and empty the
+        2-bit buffers (no-op when released already, or on the meta device)."""
+        if self._owned_integer is not None:
+            return
+        device = getattr(self, f"{next(iter(self.weight_shapes))}_packed").device
+        if device.type == "meta":
+            return
+        integer = self.build_integer_form(default_backend(device))
+        for name in self.weight_shapes:
+            setattr(self, f"{name}_packed", torch.empty(0, dtype=torch.uint8, device=device))
+        self._owned_integer = integer
+        self._owned_scales = self._scales_key()
+        clear_cache(self)  # a cached copy built from the buffers before would be a second one
+
+    def restore_packed(self) -> None:
+        """Undo ``release_packed``: the 2-bit buffers re-packed from the codes, integer weights
+        dropped (rebuilt through the cache on the next integer forward)."""
+        if self._owned_integer is None:
+            return
+        codes = self.ternary_code_tensors()
+        for name in self.weight_shapes:
+            device = getattr(self, f"{name}_packed").device
+            setattr(self, f"{name}_packed", pack_ternary(codes[name]).to(device))
+        self._owned_integer = None
+        self._owned_scales = ()
+
+    def owned_integer_form(self) -> Any:
+        """The owned integer weights, rebuilt first from their codes if a scale changed; for a
+        backend chosen with ``integer_inference(True, backend)`` other than theirs, a form for
+        that backend built per call (a reference path: it is not kept)."""
+        integer = self._owned_integer
+        if not self._scales_unchanged():
+            self._owned_integer = integer = self.build_integer_form(_integer_form_backend(integer))
+            self._owned_scales = self._scales_key()
+        chosen = integer_inference_state()[1]
+        if chosen is not None and chosen != _integer_form_backend(integer):
+            return self.build_integer_form(chosen)
+        return integer
+
+    # -- torch.nn.Module hooks -------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._owned_integer is not None:
+            for name, codes in self.ternary_code_tensors().items():
+                buffer_device = getattr(self, f"{name}_packed").device
+                destination[f"{prefix}{name}_packed"] = pack_ternary(codes).to(buffer_device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        restore = self._restore_for_change()
+        errors_before = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(error_msgs) == errors_before:
+            restore()
+
+    def _apply(self, fn, recurse=True):
+        restore = self._restore_for_change()  # move the 2-bit form (the integer weights are not tensors)
+        result = super()._apply(fn, recurse)
+        restore()
+        return result
+
+    def _restore_for_change(self) -> Callable[[], None]:
+        """Restore the 2-bit buffers for a change to them (load, move); returns what releases
+        them again afterwards, for the same backend while the device type is unchanged."""
+        if self._owned_integer is None:
+            return lambda: None
+        backend = _integer_form_backend(self._owned_integer)
+        device_type = getattr(self, f"{next(iter(self.weight_shapes))}_packed").device.type
+        self.restore_packed()
+
+        def release_again() -> None:
+            now = getattr(self, f"{next(iter(self.weight_shapes))}_packed").device.type
+            with integer_inference(True, backend if now == device_type else None):
+                self.release_packed()
+
+        return release_again
+
+
+def _integer_form_backend(integer: Any) -> str:
+    """The backend of an ``IntegerLinearWeight`` or ``IntegerExpertWeights``."""
+    return integer.weight.backend if isinstance(integer, IntegerLinearWeight) else integer.up[0].backend
+
+
+class TernaryLinear(_BitLinearMath, _PackedTernary):
     """Inference twin of ``BitLinear``: buffers ``weight_packed`` (uint8), ``weight_scale`` (1,)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, norm: bool = True, device=None) -> None:
@@ -201,10 +357,19 @@ class TernaryLinear(_BitLinearMath, nn.Module):
         return _unpacked_weight(self, "weight")
 
     def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _codes_and_scale(self, "weight")
+        return _codes_and_scale(self, "weight", self.ternary_code_tensors()["weight"])
 
     def integer_sources(self) -> tuple[torch.Tensor, ...]:
         return (self.weight_packed, self.weight_scale)
+
+    def integer_weight(self) -> IntegerLinearWeight:
+        return self.owned_integer_form() if self.packed_released() else super().integer_weight()
+
+    def build_integer_form(self, backend: str) -> IntegerLinearWeight:
+        return self.build_integer_weight(backend)
+
+    def codes_from_integer_form(self, integer: IntegerLinearWeight) -> dict[str, torch.Tensor]:
+        return {"weight": integer.weight.codes()}
 
     def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.bias, None if self.norm is None else self.norm.weight)
@@ -213,7 +378,7 @@ class TernaryLinear(_BitLinearMath, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed=2bit"
 
 
-class TernaryExperts(_BitExpertsMath, nn.Module):
+class TernaryExperts(_BitExpertsMath, _PackedTernary):
     """Inference twin of ``BitExperts``: ``w*_packed`` (uint8) and ``w*_scale`` (E,) buffers."""
 
     def __init__(self, num_experts: int, d_in: int, d_expert: int, activation: str = "swiglu", norm: bool = True, device=None) -> None:
@@ -232,14 +397,32 @@ class TernaryExperts(_BitExpertsMath, nn.Module):
         self.hidden_norm = RMSNorm(d_expert, device=device) if norm else None
 
     def quantized_weights(self) -> dict[str, torch.Tensor]:
-        return {name: _unpacked_weight(self, name) for name in self.weight_shapes}
+        return {name: dequantize_weight(codes.to(scale.dtype), scale)
+                for name, (codes, scale) in self.expert_codes().items()}
 
     def expert_codes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: _codes_and_scale(self, name) for name in self.weight_shapes}
+        codes = self.ternary_code_tensors()
+        return {name: _codes_and_scale(self, name, codes[name]) for name in self.weight_shapes}
 
     def integer_sources(self) -> tuple[torch.Tensor, ...]:
         # the scales too: gamma is part of the integer weights (a changed scale must rebuild)
         return tuple(getattr(self, f"{name}_{part}") for name in self.weight_shapes for part in ("packed", "scale"))
+
+    def integer_weights(self) -> IntegerExpertWeights:
+        return self.owned_integer_form() if self.packed_released() else super().integer_weights()
+
+    def build_integer_form(self, backend: str) -> IntegerExpertWeights:
+        return self.build_integer_weights(backend)
+
+    def codes_from_integer_form(self, integer: IntegerExpertWeights) -> dict[str, torch.Tensor]:
+        # up[e]: (2F, S) = [w1_e; w3_e] for SwiGLU, (F, S) = w1_e otherwise; down[e]: w2_e (S, F)
+        up_EGS = torch.stack([w.codes() for w in integer.up])
+        codes = {"w2": torch.stack([w.codes() for w in integer.down])}
+        if self.activation == "swiglu":
+            codes["w1"], codes["w3"] = up_EGS.split(self.d_expert, dim=1)  # (E, 2F, S) -> 2 x (E, F, S)
+        else:
+            codes["w1"] = up_EGS
+        return codes
 
     def extra_repr(self) -> str:
         return (
@@ -248,7 +431,7 @@ class TernaryExperts(_BitExpertsMath, nn.Module):
         )
 
 
-class TernaryRouter(_BitRouterMath, nn.Module):
+class TernaryRouter(_BitRouterMath, _PackedTernary):
     """Inference twin of ``BitRouter``; ``expert_bias`` (E,) float32 when the router was trained
     with aux-loss-free balancing (``selection_bias``)."""
 
@@ -271,10 +454,19 @@ class TernaryRouter(_BitRouterMath, nn.Module):
         return _unpacked_weight(self, "weight")
 
     def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _codes_and_scale(self, "weight")
+        return _codes_and_scale(self, "weight", self.ternary_code_tensors()["weight"])
 
     def integer_sources(self) -> tuple[torch.Tensor, ...]:
         return (self.weight_packed, self.weight_scale)
+
+    def integer_weight(self) -> IntegerLinearWeight:
+        return self.owned_integer_form() if self.packed_released() else super().integer_weight()
+
+    def build_integer_form(self, backend: str) -> IntegerLinearWeight:
+        return self.build_integer_weight(backend)
+
+    def codes_from_integer_form(self, integer: IntegerLinearWeight) -> dict[str, torch.Tensor]:
+        return {"weight": integer.weight.codes()}
 
     def gradient_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return ()
@@ -336,6 +528,8 @@ def _quantized_entries(name: str, module: nn.Module) -> tuple[dict[str, Any], di
             "bias": module.bias is not None, "norm": module.norm is not None,
         }
         per_expert = False
+    elif isinstance(module, _PackedTernary):
+        return _packed_entries(prefix, module)
     else:  # pragma: no cover - callers filter
         raise TypeError(type(module).__name__)
     tensors: dict[str, torch.Tensor] = {}
@@ -348,13 +542,42 @@ def _quantized_entries(name: str, module: nn.Module) -> tuple[dict[str, Any], di
     return entry, tensors, {f"{prefix}{n}" for n in names}
 
 
+def _packed_entries(prefix: str, module: _PackedTernary) -> tuple[dict[str, Any], dict[str, torch.Tensor], set[str]]:
+    """``_quantized_entries`` of a loaded packed module (a re-export): its codes and scales as
+    they are (the 2-bit bytes re-packed from the integer weights when released)."""
+    if isinstance(module, TernaryExperts):
+        entry = {
+            "kind": "experts", "num_experts": module.num_experts, "d_in": module.d_in,
+            "d_expert": module.d_expert, "activation": module.activation,
+            "norm": module.input_norm is not None,
+        }
+    elif isinstance(module, TernaryRouter):
+        entry = {
+            "kind": "router", "d_in": module.weight_shapes["weight"][1], "num_experts": module.num_experts,
+            "top_k": module.top_k, "normalize_top_k": module.normalize_top_k,
+            "selection_bias": module.expert_bias is not None,
+        }
+    else:
+        entry = {
+            "kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
+            "bias": module.bias is not None, "norm": module.norm is not None,
+        }
+    tensors: dict[str, torch.Tensor] = {}
+    for weight_name, codes in module.ternary_code_tensors().items():
+        tensors[f"{prefix}{weight_name}_packed"] = pack_ternary(codes).cpu()
+        tensors[f"{prefix}{weight_name}_scale"] = getattr(module, f"{weight_name}_scale").float().reshape(-1).cpu().contiguous()
+        entry.setdefault("shapes", {})[weight_name] = list(module.weight_shapes[weight_name])
+    return entry, tensors, set(tensors)
+
+
 def export_ternary(
     model: nn.Module,
     out_dir: str | os.PathLike,
     dtype: torch.dtype | str = torch.float32,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``model`` (converted with ``mhmoe.bitnet.convert.to_bitnet``) as packed ternary weights.
+    """Write ``model`` (converted with ``mhmoe.bitnet.convert.to_bitnet``, or loaded with
+    ``load_ternary``: a re-export of the same codes and scales) as packed ternary weights.
 
     ``dtype``: storage dtype of the full-precision tensors (embeddings, LM head, norms...);
     float32 keeps the packed model's logits bit-identical to the fake-quant model's.
@@ -363,12 +586,13 @@ def export_ternary(
     """
     dtype = resolve_dtype(dtype)
     quantized = {
-        name: m for name, m in model.named_modules() if isinstance(m, (BitLinear, BitExperts, BitRouter))
+        name: m for name, m in model.named_modules()
+        if isinstance(m, (BitLinear, BitExperts, BitRouter, _PackedTernary))
     }
     if not quantized:
         raise ValueError(
-            "model has no BitNet module (BitLinear/BitExperts/BitRouter): convert it with "
-            "mhmoe.bitnet.convert.to_bitnet and train it before a ternary export"
+            "model has no BitNet module (BitLinear/BitExperts/BitRouter, or a loaded ternary model's "
+            "packed modules): convert it with mhmoe.bitnet.convert.to_bitnet and train it before a ternary export"
         )
     manifest_modules: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -477,15 +701,20 @@ def load_ternary(
     path: str | os.PathLike,
     model: nn.Module | None = None,
     device: str | torch.device = "cpu",
+    backend: str | None = None,
 ) -> nn.Module:
-    """Load a ternary export as an eval-mode model with packed 2-bit weights.
+    """Load a ternary export as an eval-mode model whose quantised matrices are held once, in the
+    integer kernels' form (``prepare_integer_inference``: the 2-bit buffers are released).
 
     ``model``: a module of the exported architecture (full precision or BitNet-converted; its
     quantised submodules are replaced, everything else is overwritten from the file). When None,
     the ``TransformerLM`` is rebuilt from config.json on the meta device (no full-precision
-    weights are ever allocated). Raises ValueError on a missing or unexpected key or an invalid
-    packed tensor.
+    weights are ever allocated). ``backend``: the integer kernel the weights are prepared for
+    (``mhmoe.bitnet.integer.INTEGER_BACKENDS``; None: fbgemm on CPU). Raises ValueError on a
+    missing or unexpected key, an invalid packed tensor or an unknown backend.
     """
+    if backend is not None:
+        check_backend(backend)
     manifest = read_manifest(path)
     if model is None:
         model = _build_model(manifest)
@@ -531,21 +760,31 @@ def load_ternary(
         # Exports written before the options moved into the model config.
         model.config = model.config.replace(bitnet=BitNetConfig.from_dict(manifest["bitnet"]))
     model = model.to(device).eval()
-    prepare_integer_inference(model)
+    prepare_integer_inference(model, backend)
     return model
 
 
-def prepare_integer_inference(model: nn.Module) -> int:
+def prepare_integer_inference(model: nn.Module, backend: str | None = None, release_packed: bool = True) -> int:
     """Build the integer weights of every quantised module of ``model`` now (once), on the
-    modules' devices, for the kernel ``mhmoe.bitnet.integer.default_backend`` picks there.
+    modules' devices, for ``backend`` (None: the kernel ``mhmoe.bitnet.integer.default_backend``
+    picks there). The packed ternary modules then own them and release their 2-bit buffers
+    (``_PackedTernary``; ``release_packed=False`` keeps both, and the integer weights in the
+    cache); their forward keeps using that backend unless ``integer_inference`` names another.
     Returns how many modules were prepared."""
+    if backend is not None:
+        check_backend(backend)
     prepared = 0
-    for module in model.modules():
-        if isinstance(module, _TernaryMatrixMath):
-            module.integer_weight()
-            prepared += 1
-        elif isinstance(module, _BitExpertsMath):
-            module.integer_weights()
+    with integer_inference(True, backend):
+        for module in model.modules():
+            if isinstance(module, _PackedTernary) and release_packed:
+                module.restore_packed()  # released for another backend before: rebuild
+                module.release_packed()
+            elif isinstance(module, _TernaryMatrixMath):
+                module.integer_weight()
+            elif isinstance(module, _BitExpertsMath):
+                module.integer_weights()
+            else:
+                continue
             prepared += 1
     return prepared
 
