@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py --threads 1                      # the docs/benchmarks.md table
     python benchmarks/bench_decode.py --threads 2 --rounds 5 --json decode.json
     python benchmarks/bench_decode.py --sections fused --kernel-rows 1 8   # the C++ small-row kernel
+    python benchmarks/bench_decode.py --sections decode --ternary-backends default fbgemm --no-hf
 
 For each variant (SMoE and MH-MoE h=3 at a preset's shape, random init): the fp32 model, the
 BitNet b1.58 fake-quant model (eval: the integer inference path of ``mhmoe.bitnet.integer``),
@@ -21,8 +22,10 @@ that of the quantised matrices alone, and the layer-level ratio: one MH-MoE h=3 
 quantised matrix once, in the integer kernel's form (its 2-bit buffers released at load); the
 bytes of fbgemm's prepacked weights are those of its blocked copy, inputs padded to 512
 (``mhmoe.bitnet.integer.fbgemm_packed_bytes``, checked against the resident set by
-``tests/test_int_inference.py``). The export is also loaded for each other integer backend, for
-its memory alone (not timed: ``int_mm`` and ``float`` are far slower than fbgemm on CPU).
+``tests/test_int_inference.py``). The packed export is timed as loaded by default (the kernel
+chosen per matrix, ``mhmoe.bitnet.integer.memory_aware_backend``) and, with
+``--ternary-backends``, also forced to one backend for every matrix (case ``<variant>/ternary_<backend>``);
+it is also loaded for each integer backend for its memory alone.
 """
 
 from __future__ import annotations
@@ -91,7 +94,17 @@ def quantised_matrix_bytes(model: nn.Module, names: list[str]) -> int:
     return total
 
 
-def build_models(preset: str, variants: list[str], seed: int, workdir: Path) -> dict[str, dict[str, Any]]:
+DEFAULT_BACKEND = "default"
+"""``--ternary-backends`` name of the load's own choice (per matrix, no backend forced)."""
+
+
+def ternary_case(backend: str) -> str:
+    """The case label of the packed export loaded for ``backend`` ("default": no suffix)."""
+    return "ternary" if backend == DEFAULT_BACKEND else f"ternary_{backend}"
+
+
+def build_models(preset: str, variants: list[str], seed: int, workdir: Path,
+                 ternary_backends: list[str]) -> dict[str, dict[str, Any]]:
     """name -> {"model", "kind" ("ours"/"hf"), "integer" (bool), "variant", memory fields}."""
     cases: dict[str, dict[str, Any]] = {}
     for variant in variants:
@@ -102,7 +115,8 @@ def build_models(preset: str, variants: list[str], seed: int, workdir: Path) -> 
         bitnet = TransformerLM(config.replace(bitnet=BitNetConfig())).eval()
         names = bitnet_modules(bitnet)
         export_ternary(bitnet, workdir / variant)
-        ternary = load_ternary(workdir / variant)
+        ternary = {backend: load_ternary(workdir / variant, backend=None if backend == DEFAULT_BACKEND else backend)
+                   for backend in ternary_backends}
         fp32_quantised = quantised_matrix_bytes(fp32, names)
         memory_by_backend = {}  # the export loaded for each integer backend: memory only
         for backend in INTEGER_BACKENDS:
@@ -114,14 +128,14 @@ def build_models(preset: str, variants: list[str], seed: int, workdir: Path) -> 
             bitnet(torch.zeros(1, 1, dtype=torch.long))
         for label, model, integer_on in (
             ("fp32", fp32, True), ("bitnet", bitnet, True), ("bitnet_float", bitnet, False),
-            ("ternary", ternary, True),
+            *((ternary_case(backend), loaded, True) for backend, loaded in ternary.items()),
         ):
             cases[f"{variant}/{label}"] = {
                 "model": model, "kind": "ours", "integer": integer_on, "variant": variant,
                 "resident_bytes": tensor_bytes(model) + integer_weight_bytes(model),
                 "quantised_bytes": quantised_matrix_bytes(model, names),
             }
-        cases[f"{variant}/ternary"]["quantised_ratio_by_backend"] = memory_by_backend
+        cases[f"{variant}/{ternary_case(ternary_backends[0])}"]["quantised_ratio_by_backend"] = memory_by_backend
     return cases
 
 
@@ -195,7 +209,8 @@ def greedy_hf(model: nn.Module, ids_BP: torch.Tensor, new_tokens: int) -> tuple[
 
 
 def run_decode(cases: dict[str, dict[str, Any]], batches: list[int], prompt: int, new_tokens: int,
-               rounds: int, vocab: int, seed: int, say: Callable[[str], None]) -> dict[str, Any]:
+               rounds: int, vocab: int, seed: int, say: Callable[[str], None],
+               ternary_backends: list[str]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(seed)
     prompts = {b: torch.randint(0, vocab, (b, prompt), generator=generator) for b in batches}
     times: dict[tuple[str, int], dict[str, list[float]]] = {
@@ -222,17 +237,19 @@ def run_decode(cases: dict[str, dict[str, Any]], batches: list[int], prompt: int
             "decode_tokens_per_s": b * (new_tokens - 1) / decode_s,
             "prefill_s": t["prefill"], "decode_s": t["decode"],
         }
-    # The packed export and the fake-quant model run the same integer kernels: same tokens.
+    # The packed export and the fake-quant model compute the same exact integer sums and the same
+    # scales, whichever the backend: same tokens.
     agreement = {}
     for variant in {c["variant"] for c in cases.values() if c["kind"] == "ours"}:
         for b in batches:
-            a, c = tokens.get((f"{variant}/bitnet", b)), tokens.get((f"{variant}/ternary", b))
-            f = tokens.get((f"{variant}/bitnet_float", b))
-            if a is not None and c is not None:
-                agreement[f"{variant}@{b}"] = {
-                    "ternary_equals_bitnet": bool(torch.equal(a, c)),
-                    "integer_equals_float_path": None if f is None else float((a == f).float().mean()),
-                }
+            a, f = tokens.get((f"{variant}/bitnet", b)), tokens.get((f"{variant}/bitnet_float", b))
+            for backend in ternary_backends:
+                c = tokens.get((f"{variant}/{ternary_case(backend)}", b))
+                if a is not None and c is not None:
+                    agreement[f"{variant}/{ternary_case(backend)}@{b}"] = {
+                        "ternary_equals_bitnet": bool(torch.equal(a, c)),
+                        "integer_equals_float_path": None if f is None else float((a == f).float().mean()),
+                    }
     return {"results": results, "greedy_agreement": agreement}
 
 
@@ -430,14 +447,14 @@ def markdown(report: dict[str, Any], cases: dict[str, dict[str, Any]]) -> str:
 
     pairs = []
     for variant in report["variants"]:
-        pairs += [(f"{variant}/ternary", f"{variant}/fp32"), (f"{variant}/bitnet", f"{variant}/fp32"),
-                  (f"{variant}/bitnet", f"{variant}/bitnet_float")]
+        pairs += [(f"{variant}/{ternary_case(backend)}", f"{variant}/fp32") for backend in report["ternary_backends"]]
+        pairs += [(f"{variant}/bitnet", f"{variant}/fp32"), (f"{variant}/bitnet", f"{variant}/bitnet_float")]
     pairs += [("smoe/fp32", "hf_qwen3_moe"), ("mhmoe_h3/fp32", "smoe/fp32")]
     lines += [row for row in (ratio(a, b) for a, b in pairs) if row]
     lines += ["", "Quantised matrices, resident bytes / fp32: " + ", ".join(
         f"{name} {case['quantised_bytes'] / cases[name.split('/')[0] + '/fp32']['quantised_bytes']:.3f}"
         for name, case in cases.items() if case["kind"] == "ours" and not name.endswith("/fp32")
-        and not name.endswith("_float"))]
+        and not name.endswith("/bitnet_float"))]
     lines += ["", "Packed export loaded per integer backend, quantised matrices resident / fp32: " + "; ".join(
         f"{name} " + ", ".join(f"{backend} {ratio:.3f}" for backend, ratio in case["quantised_ratio_by_backend"].items())
         for name, case in cases.items() if "quantised_ratio_by_backend" in case)]
@@ -465,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-tokens", type=int, default=2048)
     parser.add_argument("--layer-rounds", type=int, default=7)
     parser.add_argument("--no-hf", action="store_true", help="leave out the transformers Qwen3-MoE")
+    parser.add_argument("--ternary-backends", nargs="+", default=[DEFAULT_BACKEND],
+                        choices=(DEFAULT_BACKEND, *INTEGER_BACKENDS),
+                        help="packed export cases to time: 'default' (the kernel chosen per matrix) and/or "
+                             "one backend forced on every matrix (default: default)")
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                         help="cpu: process CPU time; wall: wall clock; auto: cpu at 1 thread, else wall")
     parser.add_argument("--sections", nargs="+", choices=("decode", "layer", "kernels", "fused"),
@@ -478,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value < 1:
             parser.error(f"--{name.replace('_', '-')}={value}: must be a positive integer")
+    if len(set(args.ternary_backends)) != len(args.ternary_backends):
+        parser.error(f"--ternary-backends {args.ternary_backends}: each backend once")
+    if "fbgemm" in args.ternary_backends and not fbgemm_available():
+        parser.error("--ternary-backends fbgemm: this PyTorch build has no fbgemm quantised engine")
     if any(b < 1 for b in args.batches):
         parser.error(f"--batches {args.batches}: every batch size must be a positive integer")
     spec = get_preset(args.preset)
@@ -498,19 +523,19 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__, "threads": args.threads, "clock": clock, "load_average_before": load,
         "preset": args.preset, "variants": args.variants, "batches": args.batches, "prompt": args.prompt,
-        "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "new_tokens": args.new_tokens, "rounds": args.rounds, "ternary_backends": args.ternary_backends,
     }
     cases: dict[str, dict[str, Any]] = {}
     if "decode" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:
-            cases = build_models(args.preset, args.variants, args.seed, Path(tmp))
+            cases = build_models(args.preset, args.variants, args.seed, Path(tmp), args.ternary_backends)
         if not args.no_hf:
             hf = build_hf_qwen3_moe(args.preset, args.seed)
             if hf is not None:
                 cases["hf_qwen3_moe"] = {"model": hf, "kind": "hf", "integer": True, "variant": "smoe",
                                          "resident_bytes": tensor_bytes(hf), "quantised_bytes": None}
         report["decode"] = run_decode(cases, args.batches, args.prompt, args.new_tokens, args.rounds,
-                                      spec.vocab_size, args.seed, say)
+                                      spec.vocab_size, args.seed, say, args.ternary_backends)
     if "layer" in args.sections:
         say("layer level")
         report["layer"] = run_layer(args.preset, args.layer_tokens, args.layer_rounds, args.seed)

@@ -162,8 +162,12 @@ def test_integer_path_only_without_autograd_and_cache_follows_the_weights():
         layer.weight.mul_(-1.0)  # an optimiser-like in-place update: the cache must follow
         flipped = layer(x)
     torch.testing.assert_close(flipped, -first, rtol=1e-6, atol=1e-6)
-    # fbgemm: its blocked copy (inputs padded to 512, outputs to 8, int32 column offsets); else
-    # one byte a weight; + gamma (4 bytes)
+    # the default at 16 inputs: the int8 codes, one byte a weight (fbgemm would pad them to
+    # 512); + gamma (4 bytes)
+    assert integer_weight_bytes(layer) == 16 * 8 + 4
+    with torch.no_grad(), integer_inference(True, "fbgemm" if fbgemm_available() else "int_mm"):
+        layer(x)  # a chosen backend rebuilds the cached weights for it
+    # fbgemm: its blocked copy (inputs padded to 512, outputs to 8, int32 column offsets)
     weight_bytes = integer.fbgemm_packed_bytes(8, 16) if fbgemm_available() else 16 * 8
     assert integer_weight_bytes(layer) == weight_bytes + 4
 
@@ -273,8 +277,8 @@ def test_packed_load_keeps_no_float_copy_of_the_quantised_matrices(tmp_path):
         assert module.packed_released() and module.owned_integer_weights()
         assert not integer.cached_weights(module)
         assert all(getattr(module, f"{name}_packed").numel() == 0 for name in weight_shapes)
-    # fbgemm pads the inputs to 512: many bytes a weight at these tiny widths (8-48 inputs);
-    # exact accounting is tested in test_released_packed_model_holds_a_quarter_of_fp32
+    # the default keeps the int8 codes at these tiny widths (8-48 inputs, which fbgemm would pad
+    # to 512); exact accounting is tested in test_released_packed_model_holds_a_quarter_of_fp32
     assert integer_weight_bytes(loaded) >= quantised_numel
 
 
@@ -282,6 +286,110 @@ def _quantised_matrices(model):
     """(packed modules, number of quantised weights) of a loaded ternary model."""
     modules = [m for m in model.modules() if isinstance(m, ternary._PackedTernary)]
     return modules, sum(torch.Size(shape).numel() for m in modules for shape in m.weight_shapes.values())
+
+
+def _matrix_weights(module):
+    """Every ``Int8Weight`` (one per matrix, per expert) a released packed module owns."""
+    return [weight for form in module.owned_integer_weights()
+            for weight in ([form.weight] if isinstance(form, integer.IntegerLinearWeight) else form.up + form.down)]
+
+
+SCALE_ALLOWANCE = 0.05
+"""Of fp32's bytes, for the scales: gamma per output row for the experts' fused gate/up,
+1/in_features of fp32 = 4.2% at the tiny experts' 24 inputs."""
+
+
+def _quantised_bytes(model, modules):
+    """Resident bytes of the quantised matrices: the modules' own tensors (the emptied 2-bit
+    buffers, the scale buffers) plus the integer weights they own (and any cached ones)."""
+    own = sum(t.numel() * t.element_size() for m in modules
+              for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False))
+              if t.dim() and t.numel() and not isinstance(t, nn.Parameter))
+    return own + integer_weight_bytes(model)
+
+
+def test_default_backend_keeps_a_quarter_of_fp32_where_fbgemm_would_pad(tmp_path):
+    torch.manual_seed(0)
+    model = to_bitnet(tiny_lm(), quantize_router=True).eval()
+    export_ternary(model, tmp_path)
+    loaded = load_ternary(tmp_path)  # no backend: chosen per matrix
+    modules, numel = _quantised_matrices(loaded)
+    weights = [w for m in modules for w in _matrix_weights(m)]
+    # fbgemm everywhere would pad these 8-48 inputs to 512: more bytes than the fp32 matrices
+    assert sum(integer.fbgemm_packed_bytes(w.out_features, w.in_features) for w in weights) > 4 * numel
+    assert {w.backend for w in weights} == {integer.plain_codes_backend(torch.device("cpu"))}
+    assert _quantised_bytes(loaded, modules) / (4 * numel) <= 0.25 + SCALE_ALLOWANCE
+    # the fake-quant model makes the same choice: same kernels on the same codes, bit for bit
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    prompt = ids[0, :5].tolist()
+    assert list(generate_tokens(loaded, prompt, 12, temperature=0)) == list(
+        generate_tokens(model, prompt, 12, temperature=0))
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="this PyTorch build has no fbgemm")
+def test_default_backend_picks_fbgemm_where_it_pads_nothing(tmp_path):
+    cpu = torch.device("cpu")
+    assert integer.fbgemm_packed_bytes(16, 512) / (16 * 512) < 1.01  # only the column offsets
+    assert integer.memory_aware_backend(cpu, 16, 512) == "fbgemm"
+    assert integer.memory_aware_backend(cpu, 16, 1024) == "fbgemm"
+    assert integer.memory_aware_backend(cpu, 16, 192) == "float"  # padded to 512: 2.7x the codes
+    assert integer.memory_aware_backend(cpu, 16, 768) == "float"  # padded to 1024: 1.33x
+    assert integer.memory_aware_backend(cpu, 12, 512) == "float"  # outputs padded to 16: 1.33x
+    with integer_inference(True, "float"):
+        assert integer.default_backend(cpu, 16, 512) == "float"  # a chosen backend: every matrix
+    layer = BitLinear(512, 16).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 512))
+    assert integer.cached_weights(layer)[0].weight.backend == "fbgemm"
+    assert integer_weight_bytes(layer) == integer.fbgemm_packed_bytes(16, 512) + 4
+
+    # A model whose experts' down projections take 512 inputs: those on fbgemm, the rest (24-40
+    # inputs, and the fused gate/up (1024, 24)) on the int8 codes. One head: MH-MoE's 8-wide
+    # sub-tokens would make the gate/up's per-row scales 1/8 of fp32's bytes.
+    torch.manual_seed(0)
+    model = to_bitnet(tiny_lm(num_heads=1, d_expert=512), quantize_router=True).eval()
+    export_ternary(model, tmp_path / "a")
+    loaded = load_ternary(tmp_path / "a")
+    experts = loaded.blocks[1].ffn.experts
+
+    def check_mixed(form):
+        assert {w.backend for w in form.down} == {"fbgemm"} and {w.backend for w in form.up} == {"float"}
+        assert ternary._integer_form_backend(form) is None
+
+    check_mixed(experts.owned_integer_weights()[0])
+    modules, numel = _quantised_matrices(loaded)
+    assert _quantised_bytes(loaded, modules) / (4 * numel) <= 0.25 + SCALE_ALLOWANCE
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+        assert torch.equal(logits, model(ids).logits)  # the fake-quant model: the same choice
+        check_mixed(integer.cached_weights(model.blocks[1].ffn.experts)[0])
+        with integer_inference(True, "float"):  # a chosen backend, built per call: exact too
+            assert torch.equal(loaded(ids).logits, logits)
+    prompt = ids[0, :5].tolist()
+    assert list(generate_tokens(loaded, prompt, 12, temperature=0)) == list(
+        generate_tokens(model, prompt, 12, temperature=0))
+    # a move, a re-export and a scale edit keep the per-matrix choice (also when the edit is
+    # seen inside a block that chose another backend: the owned form stays the default)
+    loaded.to("cpu")
+    check_mixed(experts.owned_integer_weights()[0])
+    export_ternary(loaded, tmp_path / "b")
+    with torch.no_grad():
+        assert torch.equal(load_ternary(tmp_path / "b")(ids).logits, logits)
+        x_MS, offsets_E = torch.randn(5, experts.d_in), torch.tensor([1, 2, 3, 4, 5, 5], dtype=torch.int32)
+        before = experts(x_MS, offsets_E)
+        experts.w2_scale.mul_(2.0)
+        with integer_inference(True, "fbgemm"):
+            torch.testing.assert_close(experts(x_MS, offsets_E), 2 * before, rtol=1e-6, atol=1e-7)
+    check_mixed(experts.owned_integer_weights()[0])
+    # backend= forces one kernel on every matrix
+    for backend in ("fbgemm", "float"):
+        forced = load_ternary(tmp_path / "a", backend=backend)
+        assert {w.backend for m in _quantised_matrices(forced)[0] for w in _matrix_weights(m)} == {backend}
+        with torch.no_grad():
+            assert torch.equal(forced(ids).logits, logits)
 
 
 @pytest.mark.parametrize("backend", ["int_mm", "float"])
@@ -299,18 +407,9 @@ def test_released_packed_model_holds_a_quarter_of_fp32_and_same_logits(tmp_path,
             fake_quant_logits = model(ids).logits
         with integer_inference(False):
             released_float = loaded(ids).logits
-    # Resident bytes of the quantised matrices: the modules' own tensors (the emptied 2-bit
-    # buffers, the scale buffers) plus the integer weights they own. int8 codes: one byte a
-    # weight, exactly; the allowance is the scales (gamma per output row for the experts'
-    # fused gate/up; 1/in_features of fp32 = 4.2% at the tiny experts' 24 inputs).
-    own = sum(t.numel() * t.element_size() for m in modules
-              for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False))
-              if t.dim() and t.numel() and not isinstance(t, nn.Parameter))
-    weights = sum(w.weight.nbytes() if isinstance(w, integer.IntegerLinearWeight)
-                  else sum(x.nbytes() for x in w.up + w.down) for m in modules for w in m.owned_integer_weights())
-    assert weights == numel  # one byte a weight, nothing else
-    scale_allowance = 0.05
-    assert (own + integer_weight_bytes(loaded)) / (4 * numel) <= 0.25 + scale_allowance
+    # int8 codes: one byte a weight, exactly (the scales are the allowance of the ratio)
+    assert sum(w.nbytes() for m in modules for w in _matrix_weights(m)) == numel
+    assert _quantised_bytes(loaded, modules) / (4 * numel) <= 0.25 + SCALE_ALLOWANCE
     # Dropping the buffers changes nothing: the same logits as the fake-quant model (same codes,
     # same kernels) and as the buffers restored; the float path too.
     assert torch.equal(released_logits, fake_quant_logits)
@@ -826,7 +925,7 @@ def test_integer_inference_switch_is_per_thread():
         entered.wait()
         with integer_inference(True, "float"):
             seen["float"] = integer.integer_inference_state()
-            seen["float_backend"] = integer.default_backend(torch.device("cpu"))
+            seen["float_backend"] = integer.default_backend(torch.device("cpu"), 16, 512)
             checked.wait()
 
     threads = [threading.Thread(target=off), threading.Thread(target=float_backend)]

@@ -23,10 +23,19 @@ two scales once, in float32:
 * ``"int_mm"``: ``torch._int_mm`` (int8 x int8 -> int32). On CUDA it needs more than 16 rows and
   in/out sizes that are multiples of 8: rows are zero-padded to that, and shapes it cannot take
   use ``"float"``. On this project's AVX2 CPU (AMD EPYC, no VNNI, torch 2.13) it is a scalar
-  kernel, 3-40x slower than an fp32 matmul of the same shape (docs/benchmarks.md), so it is not
-  the CPU default (fbgemm, or ``"float"`` in builds without fbgemm).
+  kernel, 3-40x slower than an fp32 matmul of the same shape (docs/benchmarks.md), so it is
+  never the CPU default.
 * ``"float"``: the integer codes as float32 operands of a plain matmul (the weight converted per
-  call, never kept): exact for the same reason; the fallback and a reference.
+  call, never kept): exact for the same reason; one byte a weight resident.
+
+The default (no backend chosen: ``memory_aware_backend``) is per matrix, so that a ternary model
+stays at about a quarter of fp32's bytes: fbgemm where its blocked copy is at most
+``FBGEMM_MAX_SIZE_RATIO`` times the int8 codes (input widths at or just below a multiple of 512),
+else the plain codes' fastest kernel for the device (``plain_codes_backend``: ``"float"`` on CPU,
+``"int_mm"`` elsewhere). fbgemm pads the input dimension to a multiple of 512
+(``fbgemm_packed_bytes``): at 192 inputs its copy is 2.7 bytes a weight, at 64 it is 8 (twice
+the fp32 matrix). A ``backend`` chosen with ``integer_inference`` (or ``load_ternary`` /
+``prepare_integer_inference``) applies to every matrix.
 
 The ``integer_inference`` switch is a ``contextvars.ContextVar``: a ``with`` block in one thread
 (or asyncio task) does not change what another one runs.
@@ -94,7 +103,7 @@ def integer_inference(enabled: bool = True, backend: str | None = None) -> Itera
 
     ``integer_inference(False)``: quantised layers run the training-time float math in eval too
     (the reference the tests compare the integer path against). ``backend``: one of
-    ``INTEGER_BACKENDS`` (None: ``default_backend`` per device).
+    ``INTEGER_BACKENDS`` for every matrix (None: each matrix its ``memory_aware_backend``).
     """
     if backend is not None:
         check_backend(backend)
@@ -123,15 +132,46 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def default_backend(device: torch.device) -> str:
-    """The kernel for ``device``: the chosen one inside ``integer_inference``, else fbgemm on CPU
-    (when present) and ``torch._int_mm`` elsewhere."""
+FBGEMM_MAX_SIZE_RATIO = 1.05
+"""fbgemm is the default for a matrix only where its packed copy takes at most this many times
+the bytes of the int8 codes, so that the quantised matrices of every model stay within 5% of a
+quarter of fp32's bytes, plus their float32 scales (1-3% more at the mini shapes). Widths that are multiples of 512
+pass (the only overhead left is fbgemm's int32 column offsets, 4 bytes an output row: 1.008 at
+512 inputs, 1.004 at 1024); 192 inputs (2.7), 384 or 768 (1.33), or outputs padded to 8 (12
+outputs: 1.33) do not. A larger factor would buy little speed: on this project's CPU (medians of
+interleaved rounds, 1 thread, the mini model's shapes) fbgemm runs 1.1-1.5x the speed of
+``"float"`` on the (in x out) 192 x 576, 192 x 1024 and 512 x 192 matrices at 8-64 rows,
+0.65-1.2x at 1 row, and 0.25-0.7x on the MH-MoE experts' 64 x 256 and 128 x 64 (it costs a
+fixed ~60 us a call)."""
+
+
+def plain_codes_backend(device: torch.device) -> str:
+    """The fastest kernel on plain int8 codes (one byte a weight) for ``device``: ``"float"`` on
+    CPU (medians of interleaved rounds, 1 thread, the mini model's shapes at 1-64 rows: 3-29x the
+    speed of ``torch._int_mm``, a scalar kernel there), ``"int_mm"`` elsewhere."""
+    return "float" if device.type == "cpu" else "int_mm"
+
+
+def memory_aware_backend(device: torch.device, out_features: int, in_features: int) -> str:
+    """The default kernel of one (O, I) matrix on ``device``: fbgemm (CPU, where present) when its
+    packed copy is at most ``FBGEMM_MAX_SIZE_RATIO`` times the int8 codes, else
+    ``plain_codes_backend``."""
+    if (
+        device.type == "cpu"
+        and fbgemm_available()
+        and fbgemm_packed_bytes(out_features, in_features) <= FBGEMM_MAX_SIZE_RATIO * out_features * in_features
+    ):
+        return "fbgemm"
+    return plain_codes_backend(device)
+
+
+def default_backend(device: torch.device, out_features: int, in_features: int) -> str:
+    """The kernel an (O, I) matrix on ``device`` gets now: the one chosen inside
+    ``integer_inference``, else its ``memory_aware_backend``."""
     backend = _STATE.get()[1]
     if backend is not None:
         return backend
-    if device.type == "cpu":
-        return "fbgemm" if fbgemm_available() else "float"
-    return "int_mm"
+    return memory_aware_backend(device, out_features, in_features)
 
 
 def use_integer_path(module: nn.Module, *tensors: torch.Tensor | None) -> bool:
@@ -167,14 +207,17 @@ class Int8Weight:
 
     ``fbgemm``: the prepacked int8 weight (``fbgemm_packed_bytes``: O * I bytes once the input
     dimension is padded to 512); ``int_mm``/``float``: the int8 codes (O, I), one byte a weight.
-    Never a float copy.
+    Never a float copy. ``backend`` None: the matrix's ``memory_aware_backend`` (whatever
+    ``integer_inference`` chose: a form rebuilt for the default stays the default).
     """
 
-    def __init__(self, codes_OI: torch.Tensor, backend: str) -> None:
+    def __init__(self, codes_OI: torch.Tensor, backend: str | None = None) -> None:
         if codes_OI.dim() != 2:
             raise ValueError(f"ternary weight of shape {tuple(codes_OI.shape)}: must be 2-D (out, in)")
-        self.backend = check_backend(backend)
         self.out_features, self.in_features = codes_OI.shape
+        if backend is None:
+            backend = memory_aware_backend(codes_OI.device, self.out_features, self.in_features)
+        self.backend = check_backend(backend)
         check_exact(self.in_features)
         codes_OI = codes_OI.detach().to(torch.int8).contiguous()
         if backend == "fbgemm":
@@ -449,6 +492,7 @@ def check_exact(in_features: int) -> None:
 
 
 __all__ = [
+    "FBGEMM_MAX_SIZE_RATIO",
     "INTEGER_BACKENDS",
     "Int8Weight",
     "IntegerExpertWeights",
@@ -464,7 +508,9 @@ __all__ = [
     "integer_inference_state",
     "integer_linear",
     "integer_weight_bytes",
+    "memory_aware_backend",
     "optimizer_generation",
+    "plain_codes_backend",
     "use_integer_path",
     "version_counter",
 ]

@@ -89,7 +89,7 @@ from mhmoe.bitnet.integer import (
     IntegerLinearWeight,
     cached,
     clear_cache,
-    default_backend,
+    integer_inference_state,
     integer_linear,
     use_integer_path,
 )
@@ -276,13 +276,14 @@ class _TernaryMatrixMath(_IntegerCacheOwner):
         return ()
 
     def integer_weight(self) -> IntegerLinearWeight:
-        """W_q as int8 for the device's integer kernel, built once (``mhmoe.bitnet.integer``)."""
+        """W_q as int8 for the integer kernel chosen with ``integer_inference`` (none chosen: its
+        ``memory_aware_backend``), built once (``mhmoe.bitnet.integer``)."""
         sources = self.integer_sources()
-        backend = default_backend(sources[0].device)
+        backend = integer_inference_state()[1]
         return cached(self, "weight", sources, backend, lambda: self.build_integer_weight(backend))
 
-    def build_integer_weight(self, backend: str) -> IntegerLinearWeight:
-        """A new integer form of W_q for ``backend`` (uncached)."""
+    def build_integer_weight(self, backend: str | None) -> IntegerLinearWeight:
+        """A new integer form of W_q for ``backend`` (None: its ``memory_aware_backend``; uncached)."""
         codes_OI, gamma = self.ternary_codes()
         return IntegerLinearWeight(Int8Weight(codes_OI, backend), _scale_for_integer(gamma).reshape(()))
 
@@ -404,13 +405,16 @@ class _BitExpertsMath(_IntegerCacheOwner):
         return tuple(norms)
 
     def integer_weights(self) -> IntegerExpertWeights:
-        """The experts' ternary matrices as int8, per expert, built once."""
+        """The experts' ternary matrices as int8, per expert, built once: for the kernel chosen
+        with ``integer_inference``, else each matrix for its ``memory_aware_backend`` (the fused
+        gate/up (2F, S) and the down (S, F) projections can get different ones)."""
         sources = self.integer_sources()
-        backend = default_backend(sources[0].device)
+        backend = integer_inference_state()[1]
         return cached(self, "experts", sources, backend, lambda: self.build_integer_weights(backend))
 
-    def build_integer_weights(self, backend: str) -> IntegerExpertWeights:
-        """A new integer form of the experts' matrices for ``backend`` (uncached)."""
+    def build_integer_weights(self, backend: str | None) -> IntegerExpertWeights:
+        """A new integer form of the experts' matrices for ``backend`` (None: per matrix, its
+        ``memory_aware_backend``; uncached)."""
         # int8 codes (expert_codes returns int8; .to is a no-op then): the fused (E, 2F, S)
         # up matrix is one byte a weight, where concatenating float32 codes allocated four
         # more per weight, on top of the float codes themselves, at build.

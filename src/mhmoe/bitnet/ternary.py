@@ -34,8 +34,12 @@ Sizes: a quantised weight takes 2 bits + one float32 per tensor (per expert) on 
 (fp32) or 16 (bf16) bits; resident, the integer kernels' form alone: 8 bits for ``int_mm`` /
 ``float`` (a quarter of fp32, plus 4-8 bytes per output row of scales); for fbgemm its blocked
 copy, whose input dimension is padded to a multiple of 512 (``fbgemm_packed_bytes``: 8 bits a
-weight at 512 inputs, 21 bits at 192, 64 bits at 64). Embeddings and the LM head stay full
-precision and dominate small models.
+weight at 512 inputs, 21 bits at 192, 64 bits at 64). The default backend is chosen per matrix
+(``mhmoe.bitnet.integer.memory_aware_backend``): fbgemm only where its copy is within
+``FBGEMM_MAX_SIZE_RATIO`` (1.05) of the int8 codes, the int8 codes elsewhere, so the quantised
+matrices stay at about a quarter of fp32 whatever the widths; ``backend="fbgemm"`` forces the
+blocked copy everywhere (up to 2.7x the codes at 192 inputs, 8x at 64). Embeddings and the LM
+head stay full precision and dominate small models.
 """
 
 from __future__ import annotations
@@ -58,7 +62,6 @@ from mhmoe.bitnet.integer import (
     IntegerLinearWeight,
     check_backend,
     clear_cache,
-    default_backend,
     integer_inference,
     integer_inference_state,
     version_counter,
@@ -203,10 +206,10 @@ class _PackedTernary(nn.Module):
     """The packed 2-bit weights of a ternary module, or, once released, its integer weights alone.
 
     After ``release_packed`` (``prepare_integer_inference`` calls it), the module owns the
-    integer weights the kernels read (``mhmoe.bitnet.integer``: fbgemm's prepacked int8, or int8
-    codes) and its ``<W>_packed`` buffers are empty: one copy of each quantised matrix stays
-    resident instead of two. The integer weights hold the codes exactly, so everything that
-    needs the 2-bit form gets it back from them on demand:
+    integer weights the kernels read (``mhmoe.bitnet.integer``, per matrix: fbgemm's prepacked
+    int8, or int8 codes) and its ``<W>_packed`` buffers are empty: one copy of each quantised
+    matrix stays resident instead of two. The integer weights hold the codes exactly, so
+    everything that needs the 2-bit form gets it back from them on demand:
 
     * ``state_dict`` (hence a re-export, ``torch.save``): ``<W>_packed`` re-packed from the codes,
       the same bytes as the file loaded;
@@ -226,7 +229,8 @@ class _PackedTernary(nn.Module):
     _owned_scales: tuple[tuple[torch.Tensor, int | None], ...] = ()  # (scale buffer, version) they used
 
     # -- what subclasses provide ---------------------------------------------------------
-    def build_integer_form(self, backend: str) -> Any:  # pragma: no cover - abstract
+    def build_integer_form(self, backend: str | None) -> Any:  # pragma: no cover - abstract
+        """The integer weights for ``backend`` (None: each matrix its ``memory_aware_backend``)."""
         raise NotImplementedError
 
     def codes_from_integer_form(self, integer: Any) -> dict[str, torch.Tensor]:  # pragma: no cover
@@ -257,14 +261,15 @@ class _PackedTernary(nn.Module):
             t is old_t and v == old_v for (t, v), (old_t, old_v) in zip(now, self._owned_scales))
 
     def release_packed(self) -> None:
-        """Build the integer weights for the device's default backend, keep them, and empty the
-        2-bit buffers (no-op when released already, or on the meta device)."""
+        """Build the integer weights for the backend chosen with ``integer_inference`` (none
+        chosen: each matrix its ``memory_aware_backend``), keep them, and empty the 2-bit buffers
+        (no-op when released already, or on the meta device)."""
         if self._owned_integer is not None:
             return
         device = getattr(self, f"{next(iter(self.weight_shapes))}_packed").device
         if device.type == "meta":
             return
-        integer = self.build_integer_form(default_backend(device))
+        integer = self.build_integer_form(integer_inference_state()[1])
         for name in self.weight_shapes:
             setattr(self, f"{name}_packed", torch.empty(0, dtype=torch.uint8, device=device))
         self._owned_integer = integer
@@ -284,9 +289,10 @@ class _PackedTernary(nn.Module):
         self._owned_scales = ()
 
     def owned_integer_form(self) -> Any:
-        """The owned integer weights, rebuilt first from their codes if a scale changed; for a
-        backend chosen with ``integer_inference(True, backend)`` other than theirs, a form for
-        that backend built per call (a reference path: it is not kept)."""
+        """The owned integer weights, rebuilt first from their codes if a scale changed (for the
+        same backend, or the same per-matrix default); for a backend chosen with
+        ``integer_inference(True, backend)`` other than the one all of them use, a form for that
+        backend built per call (a reference path: it is not kept)."""
         integer = self._owned_integer
         if not self._scales_unchanged():
             self._owned_integer = integer = self.build_integer_form(_integer_form_backend(integer))
@@ -336,9 +342,13 @@ class _PackedTernary(nn.Module):
         return release_again
 
 
-def _integer_form_backend(integer: Any) -> str:
-    """The backend of an ``IntegerLinearWeight`` or ``IntegerExpertWeights``."""
-    return integer.weight.backend if isinstance(integer, IntegerLinearWeight) else integer.up[0].backend
+def _integer_form_backend(integer: Any) -> str | None:
+    """The backend every matrix of an ``IntegerLinearWeight`` or ``IntegerExpertWeights`` uses;
+    None when they differ (the per-matrix default gave them different ones: rebuilding for None
+    gives the same)."""
+    weights = [integer.weight] if isinstance(integer, IntegerLinearWeight) else integer.up + integer.down
+    backends = {weight.backend for weight in weights}
+    return backends.pop() if len(backends) == 1 else None
 
 
 class TernaryLinear(_BitLinearMath, _PackedTernary):
@@ -365,7 +375,7 @@ class TernaryLinear(_BitLinearMath, _PackedTernary):
     def integer_weight(self) -> IntegerLinearWeight:
         return self.owned_integer_form() if self.packed_released() else super().integer_weight()
 
-    def build_integer_form(self, backend: str) -> IntegerLinearWeight:
+    def build_integer_form(self, backend: str | None) -> IntegerLinearWeight:
         return self.build_integer_weight(backend)
 
     def codes_from_integer_form(self, integer: IntegerLinearWeight) -> dict[str, torch.Tensor]:
@@ -411,7 +421,7 @@ class TernaryExperts(_BitExpertsMath, _PackedTernary):
     def integer_weights(self) -> IntegerExpertWeights:
         return self.owned_integer_form() if self.packed_released() else super().integer_weights()
 
-    def build_integer_form(self, backend: str) -> IntegerExpertWeights:
+    def build_integer_form(self, backend: str | None) -> IntegerExpertWeights:
         return self.build_integer_weights(backend)
 
     def codes_from_integer_form(self, integer: IntegerExpertWeights) -> dict[str, torch.Tensor]:
@@ -462,7 +472,7 @@ class TernaryRouter(_BitRouterMath, _PackedTernary):
     def integer_weight(self) -> IntegerLinearWeight:
         return self.owned_integer_form() if self.packed_released() else super().integer_weight()
 
-    def build_integer_form(self, backend: str) -> IntegerLinearWeight:
+    def build_integer_form(self, backend: str | None) -> IntegerLinearWeight:
         return self.build_integer_weight(backend)
 
     def codes_from_integer_form(self, integer: IntegerLinearWeight) -> dict[str, torch.Tensor]:
@@ -709,9 +719,12 @@ def load_ternary(
     ``model``: a module of the exported architecture (full precision or BitNet-converted; its
     quantised submodules are replaced, everything else is overwritten from the file). When None,
     the ``TransformerLM`` is rebuilt from config.json on the meta device (no full-precision
-    weights are ever allocated). ``backend``: the integer kernel the weights are prepared for
-    (``mhmoe.bitnet.integer.INTEGER_BACKENDS``; None: fbgemm on CPU). Raises ValueError on a
-    missing or unexpected key, an invalid packed tensor or an unknown backend.
+    weights are ever allocated). ``backend``: the integer kernel every quantised matrix is
+    prepared for (``mhmoe.bitnet.integer.INTEGER_BACKENDS``); None: chosen per matrix
+    (``mhmoe.bitnet.integer.memory_aware_backend``: on CPU fbgemm where its padded copy is within
+    ``FBGEMM_MAX_SIZE_RATIO`` of the int8 codes, the int8 codes with the ``"float"`` kernel
+    elsewhere). Raises ValueError on a missing or unexpected key, an invalid packed tensor or an
+    unknown backend.
     """
     if backend is not None:
         check_backend(backend)
@@ -766,10 +779,11 @@ def load_ternary(
 
 def prepare_integer_inference(model: nn.Module, backend: str | None = None, release_packed: bool = True) -> int:
     """Build the integer weights of every quantised module of ``model`` now (once), on the
-    modules' devices, for ``backend`` (None: the kernel ``mhmoe.bitnet.integer.default_backend``
-    picks there). The packed ternary modules then own them and release their 2-bit buffers
-    (``_PackedTernary``; ``release_packed=False`` keeps both, and the integer weights in the
-    cache); their forward keeps using that backend unless ``integer_inference`` names another.
+    modules' devices, for ``backend`` (every matrix; None: each matrix the kernel
+    ``mhmoe.bitnet.integer.memory_aware_backend`` picks for its shape and device). The packed
+    ternary modules then own them and release their 2-bit buffers (``_PackedTernary``;
+    ``release_packed=False`` keeps both, and the integer weights in the cache); their forward
+    keeps using those kernels unless ``integer_inference`` names another backend.
     Returns how many modules were prepared."""
     if backend is not None:
         check_backend(backend)
