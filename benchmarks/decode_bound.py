@@ -12,23 +12,34 @@ single-token steps):
   ``mhmoe.bitnet.convert.to_bitnet`` replaces: attention projections, dense FFN, MH-MoE head and
   merge layers, the stacked experts) replaced by a zero-cost stand-in that returns zeros of the
   right shape: ``FreeLinear`` (no matmul) and ``FreeMatmulExperts`` (no matmul, but the
-  SwiGLU/ReLU between the expert matmuls still runs, on zeros, and the dispatch takes the path
-  the BitNet experts take: ``forward_blocks`` at small batches). Everything else (embedding,
+  SwiGLU/ReLU between the expert matmuls still runs, on zeros). Everything else (embedding,
   norms, rotary, attention softmax and KV cache, router, dispatch, LM head) is untouched.
+  The two models do not take the same dispatch path at small batches: the stand-in experts
+  have ``forward_blocks``, as the BitNet experts do, so the small-batch dispatch of
+  ``mhmoe.layers.moe`` hands them the sorted blocks (the path a BitNet model takes), while the
+  fp32 experts take its gathered small-batch path (batched matmuls over the chosen experts'
+  gathered weights, ``gathered_small_batch_compute``, while those fit
+  ``SMALL_BATCH_GATHER_MAX_BYTES``): part of ``t_fp32 - t_free`` is the difference between
+  these two dispatch paths, not matmul time.
 
-``t_fp32 / t_free`` bounds what any kernel for the quantised matrices (integer, ternary, fused,
-free) can gain over fp32: with the matmuls at zero cost the rest of the step still takes
-``t_free``. Amdahl: with the quantised matmuls a fraction p = 1 - t_free / t_fp32 of the fp32
-time, a kernel k times faster than the fp32 matmul gives 1 / ((1 - p) + p / k); the table
-lists k = 1.3 (fbgemm int8 at ``mini`` widths, docs/benchmarks.md kernel table), 3 and infinity.
+``t_fp32 / t_free`` is an UPPER bound on what any kernel for the quantised matrices (integer,
+ternary, fused) can gain over fp32: with the matmuls at zero cost the rest of the step still
+takes ``t_free``, and a real BitNet model does more than the stand-ins: every quantised layer
+also runs its inner RMSNorm and the 8-bit quantisation of its input activations (and the
+experts their hidden norm and hidden quantisation), which the stand-ins skip, so its rest of
+the step is longer than ``t_free`` and its speed-up smaller than the bound. Amdahl: with the
+quantised matmuls a fraction p = 1 - t_free / t_fp32 of the fp32 time, a kernel k times faster
+than the fp32 matmul gives at most 1 / ((1 - p) + p / k) (an upper bound too, for the same
+reason); the table lists k = 1.3 (fbgemm int8 at ``mini`` widths, docs/benchmarks.md kernel
+table), 3 and infinity.
 
 Timing: ``time.perf_counter`` (wall) and ``time.process_time`` (CPU time of the process) both
 recorded per call; every round runs every (threads, batch, variant, model) case once, the first
 round is a warm-up, medians over the other rounds. The stand-ins allocate their zero outputs
-(``new_zeros``: about a microsecond per call, one call per quantised module and step), so
-``t_free`` slightly overstates the rest and the bound is slightly conservative. With two threads
-on a machine whose cores are busy with other jobs the times are not meaningful (OpenMP threads
-wait for a core); run ``--threads 1`` there.
+(``new_zeros``: about a microsecond per call, one call per quantised module and step), which
+``t_free`` counts; that is far less than the norms and quantisers they skip, so the bound stays
+an upper bound. With two threads on a machine whose cores are busy with other jobs the times are
+not meaningful (OpenMP threads wait for a core); run ``--threads 1`` there.
 """
 
 from __future__ import annotations

@@ -16,9 +16,15 @@ W_q is read as plain int8 codes (O, I), one byte a weight (fbgemm's copy pads I 
 ``fused_rmsnorm_small_rows_linear`` also fuses the layer's inner RMSNorm before it (then equal
 up to a rounding of the normed input: see there).
 
-The extension is compiled with ``torch.utils.cpp_extension.load_inline`` (cached in torch's
-extension directory, ``TORCH_EXTENSIONS_DIR``); without a compiler, or when the build fails,
+The extension is compiled with ``torch.utils.cpp_extension.load_inline`` with ``-march=native``,
+into a build directory of its own per host (``build_directory``: under torch's extension root,
+``TORCH_EXTENSIONS_DIR``, named by the machine, PyTorch's CPU capability and a digest of the CPU
+model and flags and of the Python and PyTorch versions), so a build for one CPU is never loaded
+on another that shares the directory.
+A build lock older than ``STALE_LOCK_SECONDS`` (left by a build that was killed: torch would wait
+for it forever) is removed with a warning. Without a compiler, or when the build fails,
 ``fused_extension()`` returns None (logged once at debug level) and callers keep the PyTorch path.
+CPU tensors only (one clear error otherwise).
 Measured against an fp32 ``nn.Linear`` and ``BitLinear``'s integer forward by
 ``benchmarks/bench_decode.py --sections fused``; not wired into the layers.
 """
@@ -26,15 +32,25 @@ Measured against an fp32 ``nn.Linear`` and ``BitLinear``'s integer forward by
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import cpp_extension
 
 logger = logging.getLogger(__name__)
 
 FUSED_MAX_ROWS = 8
-EXTENSION_NAME = "mhmoe_fused_small_rows_v2"
+EXTENSION_NAME = "mhmoe_fused_small_rows_v3"
+STALE_LOCK_SECONDS = 600
+"""A build lock this old is taken to be left by a killed build (a build takes a few minutes)."""
 
 _CPP_SOURCE = r"""
 #include <torch/extension.h>
@@ -45,6 +61,7 @@ _CPP_SOURCE = r"""
 
 // x (M, I) float32, codes (O, I) int8, gamma (G,) float32 with G = 1 or O -> (M, O) float32.
 torch::Tensor fused_small_rows_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor gamma, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && gamma.device().is_cpu(), "x, codes, gamma: CPU tensors");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (M, I) float32 contiguous");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "codes: (O, I) int8 contiguous");
   TORCH_CHECK(gamma.scalar_type() == torch::kFloat32 && gamma.is_contiguous(), "gamma: float32 contiguous");
@@ -83,6 +100,7 @@ torch::Tensor fused_small_rows_linear(torch::Tensor x, torch::Tensor codes, torc
 // and a code sitting at a .5 boundary can then round the other way (a code step, not a rounding).
 torch::Tensor fused_rmsnorm_small_rows_linear(torch::Tensor x, torch::Tensor norm_gain, torch::Tensor codes,
                                               torch::Tensor gamma, double norm_eps, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && norm_gain.device().is_cpu(), "x, norm_gain: CPU tensors");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (M, I) float32 contiguous");
   TORCH_CHECK(norm_gain.scalar_type() == torch::kFloat32 && norm_gain.numel() == x.size(1) && norm_gain.is_contiguous(),
               "norm_gain: (I,) float32 contiguous");
@@ -103,27 +121,73 @@ torch::Tensor fused_rmsnorm_small_rows_linear(torch::Tensor x, torch::Tensor nor
 """
 
 
+def host_key() -> str:
+    """What a ``-march=native`` build depends on: machine, PyTorch's CPU capability and a short
+    digest of the CPU model name and flags (/proc/cpuinfo, where readable), of the Python and
+    PyTorch versions (the compiled module's ABI)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            lines = [line for line in fh if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        cpu = "".join(sorted(set(lines)))
+    except OSError:
+        cpu = platform.processor()
+    described = f"{cpu}|{sys.version_info[:2]}|{torch.__version__}"
+    digest = hashlib.sha1(described.encode()).hexdigest()[:12]
+    return f"{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}_{digest}".lower()
+
+
+def build_directory() -> Path:
+    """This host's build directory of the extension (created), under torch's extension root."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    path = Path(root) / f"{EXTENSION_NAME}_{host_key()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove ``directory``/lock (torch's build lock) when older than ``max_age_s``, with a
+    warning: a killed build leaves it, and every later build would wait on it forever. Returns
+    whether one was removed."""
+    lock = directory / "lock"
+    try:
+        age_s = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age_s < max_age_s:
+        return False  # another process may be building now: torch waits for it
+    warnings.warn(f"{lock}: a build lock {age_s:.0f} s old (a killed build?): removing it", RuntimeWarning,
+                  stacklevel=2)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.cache
 def fused_extension() -> Any | None:
     """The compiled extension, or None when it cannot be built here (logged once, debug)."""
-    # An optional extra: the import pulls in the C++ build tooling, which only this needs.
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        return load_inline(
+        directory = build_directory()
+        remove_stale_lock(directory)
+        return cpp_extension.load_inline(
             name=EXTENSION_NAME, cpp_sources=[_CPP_SOURCE],
             functions=["fused_small_rows_linear", "fused_rmsnorm_small_rows_linear"],
-            extra_cflags=["-O3", "-march=native"], verbose=False,
+            extra_cflags=["-O3", "-march=native"], verbose=False, build_directory=str(directory),
         )
     except Exception as error:  # noqa: BLE001 - any build failure (no compiler, no headers, ...): PyTorch path
         logger.debug("fused small-row integer linear unavailable (%s): using the PyTorch path", error)
         return None
 
 
+def _check_cpu(**tensors: torch.Tensor) -> None:
+    off_cpu = {name: str(t.device) for name, t in tensors.items() if t.device.type != "cpu"}
+    if off_cpu:
+        raise ValueError(f"the fused small-row linear runs on CPU tensors, got {off_cpu}")
+
+
 def fused_small_rows_linear(x_MI: torch.Tensor, codes_OI: torch.Tensor, gamma: torch.Tensor,
                             eps: float) -> torch.Tensor | None:
     """y (M, O) of the module docstring for float32 CPU rows x_MI (M <= ``FUSED_MAX_ROWS``),
     int8 codes W_q (O, I) and gamma (1 or O values); None when the extension is unavailable."""
+    _check_cpu(x=x_MI, codes=codes_OI, gamma=gamma)
     extension = fused_extension()
     if extension is None:
         return None
@@ -138,6 +202,7 @@ def fused_rmsnorm_small_rows_linear(x_MI: torch.Tensor, norm_gain_I: torch.Tenso
     """``fused_small_rows_linear`` of RMSNorm(x) (gain ``norm_gain_I``), the norm in the same
     kernel: equal to the reference up to a rounding of the normed input, which can move a code
     at a .5 boundary by one step (module docstring); None when the extension is unavailable."""
+    _check_cpu(x=x_MI, norm_gain=norm_gain_I, codes=codes_OI, gamma=gamma)
     extension = fused_extension()
     if extension is None:
         return None
@@ -148,4 +213,12 @@ def fused_rmsnorm_small_rows_linear(x_MI: torch.Tensor, norm_gain_I: torch.Tenso
         gamma.float().reshape(-1).contiguous(), norm_eps, eps)
 
 
-__all__ = ["FUSED_MAX_ROWS", "fused_extension", "fused_rmsnorm_small_rows_linear", "fused_small_rows_linear"]
+__all__ = [
+    "FUSED_MAX_ROWS",
+    "build_directory",
+    "fused_extension",
+    "fused_rmsnorm_small_rows_linear",
+    "fused_small_rows_linear",
+    "host_key",
+    "remove_stale_lock",
+]

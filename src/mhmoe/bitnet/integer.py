@@ -30,11 +30,12 @@ two scales once, in float32:
 
 The default (no backend chosen: ``memory_aware_backend``) is per matrix, so that a ternary model
 stays at about a quarter of fp32's bytes: fbgemm where its blocked copy is at most
-``FBGEMM_MAX_SIZE_RATIO`` times the int8 codes (input widths at or just below a multiple of 512),
-else the plain codes' fastest kernel for the device (``plain_codes_backend``: ``"float"`` on CPU,
-``"int_mm"`` elsewhere). fbgemm pads the input dimension to a multiple of 512
-(``fbgemm_packed_bytes``): at 192 inputs its copy is 2.7 bytes a weight, at 64 it is 8 (twice
-the fp32 matrix). A ``backend`` chosen with ``integer_inference`` (or ``load_ternary`` /
+``FBGEMM_MAX_SIZE_RATIO`` times the int8 codes (input widths at or just below a multiple of 512
+on AVX2), else the plain codes' fastest kernel for the device (``plain_codes_backend``:
+``"float"`` on CPU, ``"int_mm"`` elsewhere). fbgemm pads the input dimension to a multiple of
+512 on AVX2 and AVX512-VNNI, 256 on AVX512 (``fbgemm_packed_bytes``, ``FBGEMM_BLOCKING``): on
+AVX2 at 192 inputs its copy is 2.7 bytes a weight, at 64 it is 8 (twice the fp32 matrix).
+A ``backend`` chosen with ``integer_inference`` (or ``load_ternary`` /
 ``prepare_integer_inference``) applies to every matrix.
 
 The ``integer_inference`` switch is a ``contextvars.ContextVar``: a ``with`` block in one thread
@@ -58,7 +59,15 @@ with ``deepcopy``/``state_dict``). An entry is used only while all of these hold
 
 Not detected: edits through ``.data`` (``p.data.mul_(...)``, ``p.data = t``), which bypass the
 version counter, outside an optimiser step: call ``clear_cache(module)`` (or ``clear_cache()``)
-after them.
+after them. Sources made under ``torch.inference_mode`` have no version counter at all, so
+nothing would see their in-place edits (``load_state_dict`` inside ``inference_mode`` copies into
+them): modules whose sources are inference tensors build their integer weights per call, never
+cached. ``load_state_dict`` drops a module's entries in any case (``_IntegerCacheOwner`` in
+``mhmoe.bitnet.layers``).
+
+The packed ternary modules of ``mhmoe.bitnet.ternary`` own their integer weights instead (not
+in this cache); ``clear_cache`` marks those stale too, and they are rebuilt from their own codes
+and current scales at the next integer forward.
 
 When the integer path runs (``use_integer_path``): no autograd is needed (the module is not
 training and no input or weight requires a gradient with grad mode on, nor carries a
@@ -135,10 +144,10 @@ def fbgemm_available() -> bool:
 FBGEMM_MAX_SIZE_RATIO = 1.05
 """fbgemm is the default for a matrix only where its packed copy takes at most this many times
 the bytes of the int8 codes, so that the quantised matrices of every model stay within 5% of a
-quarter of fp32's bytes, plus their float32 scales (1-3% more at the mini shapes). Widths that are multiples of 512
-pass (the only overhead left is fbgemm's int32 column offsets, 4 bytes an output row: 1.008 at
-512 inputs, 1.004 at 1024); 192 inputs (2.7), 384 or 768 (1.33), or outputs padded to 8 (12
-outputs: 1.33) do not. A larger factor would buy little speed: on this project's CPU (medians of
+quarter of fp32's bytes, plus their float32 scales (1-3% more at the mini shapes). On AVX2,
+widths that are multiples of 512 pass (the only overhead left is fbgemm's int32 column offsets,
+4 bytes an output row: 1.008 at 512 inputs, 1.004 at 1024); 192 inputs (2.7), 384 or 768
+(1.33), or outputs padded to 8 (12 outputs: 1.33) do not. A larger factor would buy little speed: on this project's CPU (medians of
 interleaved rounds, 1 thread, the mini model's shapes) fbgemm runs 1.1-1.5x the speed of
 ``"float"`` on the (in x out) 192 x 576, 192 x 1024 and 512 x 192 matrices at 8-64 rows,
 0.65-1.2x at 1 row, and 0.25-0.7x on the MH-MoE experts' 64 x 256 and 128 x 64 (it costs a
@@ -205,8 +214,9 @@ def _quiet_quantized(fn: Callable[..., Any], *args: Any) -> Any:
 class Int8Weight:
     """One ternary matrix W_q (O, I) in the form a backend multiplies with.
 
-    ``fbgemm``: the prepacked int8 weight (``fbgemm_packed_bytes``: O * I bytes once the input
-    dimension is padded to 512); ``int_mm``/``float``: the int8 codes (O, I), one byte a weight.
+    ``fbgemm``: the prepacked int8 weight (``fbgemm_packed_bytes``: O * I bytes once both
+    dimensions are padded to fbgemm's blocks, 512 inputs x 8 outputs on AVX2);
+    ``int_mm``/``float``: the int8 codes (O, I), one byte a weight.
     Never a float copy. ``backend`` None: the matrix's ``memory_aware_backend`` (whatever
     ``integer_inference`` chose: a form rebuilt for the default stays the default).
     """
@@ -261,20 +271,49 @@ class Int8Weight:
         return float_sums(codes_MI, self.codes_OI)
 
 
-FBGEMM_K_BLOCK = 512
-FBGEMM_N_BLOCK = 8
-"""fbgemm's int8 weight packing (``PackBMatrix``, AVX2) stores the (I, O) matrix in blocks of
-512 inputs x 8 outputs, zero-padded: a 192-wide matrix takes 512 / 192 = 2.7 bytes a weight, a
-64-wide one 8. Measured on this project's AVX2 CPU (torch 2.13) by the resident-memory growth of
-many prepacked weights (``tests/test_int_inference.py``); other instruction sets may block
-differently."""
+FBGEMM_BLOCKING = {"AVX2": (512, 8), "AVX512": (256, 32), "AVX512_VNNI": (512, 48)}
+"""(inputs, outputs) of the blocks fbgemm's int8 weight packing (``PackBMatrix``, 32-bit
+accumulation) stores the (I, O) matrix in, zero-padded, per instruction set: its
+``PackingTraits`` KCB x NCB (fbgemm ``include/fbgemm/PackingTraits-inl.h``). On AVX2 a 192-wide
+matrix takes 512 / 192 = 2.7 bytes a weight, a 64-wide one 8. The AVX2 entry is measured on this
+project's CPU (AMD EPYC, torch 2.13) by the resident-memory growth of many prepacked weights
+(``tests/test_int_inference.py``); the AVX512 and AVX512_VNNI entries are read from fbgemm's
+tables, not measured here."""
 
 
-def fbgemm_packed_bytes(out_features: int, in_features: int) -> int:
-    """Resident bytes of fbgemm's prepacked int8 weight (O, I): the padded blocks, plus its int32
-    column offsets (one per output)."""
-    padded_in = -(-in_features // FBGEMM_K_BLOCK) * FBGEMM_K_BLOCK
-    padded_out = -(-out_features // FBGEMM_N_BLOCK) * FBGEMM_N_BLOCK
+def fbgemm_instruction_set() -> str:
+    """The ``FBGEMM_BLOCKING`` key of this host: ``torch.backends.cpu.get_cpu_capability()``
+    ("AVX512" split into "AVX512_VNNI" where /proc/cpuinfo lists avx512_vnni, as fbgemm's own
+    dispatch does); "AVX2" for anything else (fbgemm runs on AVX2 hosts and up only)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return "AVX512_VNNI" if "avx512_vnni" in _cpu_flags() else "AVX512"
+    return "AVX2"
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU flags /proc/cpuinfo lists (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def fbgemm_packed_bytes(out_features: int, in_features: int, instruction_set: str | None = None) -> int:
+    """Resident bytes of fbgemm's prepacked int8 weight (O, I): the padded blocks of
+    ``FBGEMM_BLOCKING`` for ``instruction_set`` (None: this host's, ``fbgemm_instruction_set``),
+    plus its int32 column offsets (one per output)."""
+    instruction_set = fbgemm_instruction_set() if instruction_set is None else instruction_set
+    if instruction_set not in FBGEMM_BLOCKING:
+        raise ValueError(f"instruction_set={instruction_set!r}: must be one of {', '.join(FBGEMM_BLOCKING)}")
+    k_block, n_block = FBGEMM_BLOCKING[instruction_set]
+    padded_in = -(-in_features // k_block) * k_block
+    padded_out = -(-out_features // n_block) * n_block
     return padded_in * padded_out + 4 * out_features
 
 
@@ -359,7 +398,8 @@ def optimizer_generation() -> int:
 
 def version_counter(t: torch.Tensor) -> int | None:
     """``t._version``; None for a tensor made under ``torch.inference_mode``, which has no
-    version counter (its in-place edits are not seen: ``clear_cache`` after them)."""
+    version counter (its in-place edits cannot be seen: ``cached`` does not keep what derives
+    from such tensors)."""
     return None if t.is_inference() else t._version
 
 
@@ -381,9 +421,10 @@ def cached(
 ) -> Any:
     """``build()`` once per (module, name), rebuilt when one of ``sources`` (the tensors the
     integer weights derive from) is replaced or modified in place, after an optimiser step, or
-    when the backend changes; built per call (not kept) for parametrised sources (module doc)."""
+    when the backend changes; built per call (not kept) for parametrised sources and for
+    inference tensors, whose in-place edits nothing can see (module doc)."""
     sources = tuple(sources)
-    if not _own_tensors(module, sources):
+    if not _own_tensors(module, sources) or any(version_counter(t) is None for t in sources):
         entries = _CACHE.get(module)
         if entries is not None:
             entries.pop(name, None)
@@ -407,13 +448,30 @@ def cached_weights(module: nn.Module) -> list[Any]:
     return [entry.value for entry in _CACHE.get(module, {}).values()]
 
 
+_clear_generation = 0
+
+
+def clear_generation() -> int:
+    """How many times ``clear_cache()`` (every module) was called: the owned integer weights of
+    the packed ternary modules record it and are rebuilt when it moved."""
+    return _clear_generation
+
+
 def clear_cache(module: nn.Module | None = None) -> None:
-    """Drop the integer weights of ``module`` (of every module when None): needed after edits
-    the cache cannot see, i.e. through ``.data`` (module doc)."""
+    """Drop the integer weights of ``module`` and its submodules (of every module when None):
+    needed after edits the cache cannot see, i.e. through ``.data`` (module doc). Modules that
+    own their integer weights (``invalidate_owned_integer``: the released packed ternary modules)
+    rebuild them from their own codes and current scales at their next integer forward."""
+    global _clear_generation
     if module is None:
         _CACHE.clear()
-    else:
-        _CACHE.pop(module, None)
+        _clear_generation += 1
+        return
+    for submodule in module.modules():
+        _CACHE.pop(submodule, None)
+        invalidate = getattr(submodule, "invalidate_owned_integer", None)
+        if invalidate is not None:
+            invalidate()
 
 
 def integer_weight_bytes(model: nn.Module) -> int:
@@ -498,9 +556,12 @@ __all__ = [
     "IntegerExpertWeights",
     "IntegerLinearWeight",
     "cached",
+    "FBGEMM_BLOCKING",
     "clear_cache",
+    "clear_generation",
     "default_backend",
     "fbgemm_available",
+    "fbgemm_instruction_set",
     "fbgemm_packed_bytes",
     "float_sums",
     "int_mm_sums",

@@ -67,8 +67,8 @@ Inference (eval mode, no autograd needed): every quantised matmul runs on intege
 (``mhmoe.bitnet.integer``): the int8 activation codes times the ternary codes, summed exactly in
 int32, then times gamma / s ([BitNet] Eq. 11) -- the same value as the float expression above up
 to float rounding. The integer weights are built once per module (and rebuilt after an
-optimiser step, and dropped when the module is put in train mode; edits through ``.data`` are
-not seen: call ``mhmoe.bitnet.integer.clear_cache`` after them); ``integer_inference(False)``
+optimiser step, and dropped when the module is put in train mode or loads a state_dict; edits
+through ``.data`` are not seen: call ``mhmoe.bitnet.integer.clear_cache`` after them); ``integer_inference(False)``
 restores the float math (the tests' reference).
 
 Two-stage schedule [FAQ]: ``two_stage_schedule`` (module end).
@@ -180,13 +180,37 @@ def _scale_for_integer(gamma: torch.Tensor) -> torch.Tensor:
 class _IntegerCacheOwner:
     """Drops the module's cached integer weights when it is put in train mode: training changes
     the weights (fused optimisers without a version-counter bump among others), and evaluation
-    during training (``model.eval()`` ... ``model.train(was_training)``) must see the new ones."""
+    during training (``model.eval()`` ... ``model.train(was_training)``) must see the new ones;
+    and after ``load_state_dict``, whose copies into tensors made under ``inference_mode`` leave
+    no trace in a version counter.
+
+    ``prepared_backend``: the kernel ``mhmoe.bitnet.ternary.prepare_integer_inference`` built the
+    integer weights for (None: each matrix its ``memory_aware_backend``), used outside an
+    ``integer_inference`` block that names one."""
+
+    prepared_backend: str | None = None
 
     def train(self, mode: bool = True):
         result = super().train(mode)
         if mode:
             clear_cache(self)
         return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        clear_cache(self)
+
+    def integer_backend(self, device: torch.device) -> str | None:
+        """The kernel to build for: the one ``integer_inference`` chose, else ``prepared_backend``
+        (unless it is fbgemm and the weights left the CPU), else None (per matrix)."""
+        chosen = integer_inference_state()[1]
+        if chosen is not None:
+            return chosen
+        if self.prepared_backend == "fbgemm" and device.type != "cpu":
+            return None
+        return self.prepared_backend
 
 
 def activation_quant_codes(
@@ -276,10 +300,11 @@ class _TernaryMatrixMath(_IntegerCacheOwner):
         return ()
 
     def integer_weight(self) -> IntegerLinearWeight:
-        """W_q as int8 for the integer kernel chosen with ``integer_inference`` (none chosen: its
-        ``memory_aware_backend``), built once (``mhmoe.bitnet.integer``)."""
+        """W_q as int8 for the integer kernel chosen with ``integer_inference`` (none chosen: the
+        ``prepared_backend``, else its ``memory_aware_backend``), built once
+        (``mhmoe.bitnet.integer``)."""
         sources = self.integer_sources()
-        backend = integer_inference_state()[1]
+        backend = self.integer_backend(sources[0].device)
         return cached(self, "weight", sources, backend, lambda: self.build_integer_weight(backend))
 
     def build_integer_weight(self, backend: str | None) -> IntegerLinearWeight:
@@ -406,10 +431,11 @@ class _BitExpertsMath(_IntegerCacheOwner):
 
     def integer_weights(self) -> IntegerExpertWeights:
         """The experts' ternary matrices as int8, per expert, built once: for the kernel chosen
-        with ``integer_inference``, else each matrix for its ``memory_aware_backend`` (the fused
+        with ``integer_inference``, else the ``prepared_backend``, else each matrix for its
+        ``memory_aware_backend`` (the fused
         gate/up (2F, S) and the down (S, F) projections can get different ones)."""
         sources = self.integer_sources()
-        backend = integer_inference_state()[1]
+        backend = self.integer_backend(sources[0].device)
         return cached(self, "experts", sources, backend, lambda: self.build_integer_weights(backend))
 
     def build_integer_weights(self, backend: str | None) -> IntegerExpertWeights:

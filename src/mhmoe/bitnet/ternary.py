@@ -23,7 +23,8 @@ the LM), replaces the quantised modules by ``TernaryLinear`` / ``TernaryExperts`
 ``prepare_integer_inference`` unpacks every matrix once into the int8 form of the integer
 kernels (``mhmoe.bitnet.integer``; no float copy of a quantised matrix is made), which the
 module keeps as its only copy, releasing the 2-bit buffers (``_PackedTernary``: ``state_dict``,
-re-export, ``.to`` and the float path get the 2-bit form back from the int8 codes). Inference runs
+re-export, ``.to`` and the float path get the 2-bit form back from the int8 codes; buffers
+replaced afterwards, e.g. by ``torch.func.functional_call``, are used as they are). Inference runs
 y = (x_codes @ W_q^T) * gamma / s with int32 sums; activations are quantised exactly as in
 training. The fake-quant model's eval runs the same kernels on the same codes, so the packed
 model's logits equal the fake-quant model's bit for bit in float32 (``tests/test_quant.py``,
@@ -33,13 +34,14 @@ training (the packed model then unpacks per forward, gamma * W_q, the same expre
 Sizes: a quantised weight takes 2 bits + one float32 per tensor (per expert) on disk, against 32
 (fp32) or 16 (bf16) bits; resident, the integer kernels' form alone: 8 bits for ``int_mm`` /
 ``float`` (a quarter of fp32, plus 4-8 bytes per output row of scales); for fbgemm its blocked
-copy, whose input dimension is padded to a multiple of 512 (``fbgemm_packed_bytes``: 8 bits a
-weight at 512 inputs, 21 bits at 192, 64 bits at 64). The default backend is chosen per matrix
+copy, whose input dimension is padded to fbgemm's blocks (``fbgemm_packed_bytes``, per
+instruction set; on AVX2 to a multiple of 512: 8 bits a weight at 512 inputs, 21 bits at 192,
+64 bits at 64). The default backend is chosen per matrix
 (``mhmoe.bitnet.integer.memory_aware_backend``): fbgemm only where its copy is within
 ``FBGEMM_MAX_SIZE_RATIO`` (1.05) of the int8 codes, the int8 codes elsewhere, so the quantised
 matrices stay at about a quarter of fp32 whatever the widths; ``backend="fbgemm"`` forces the
-blocked copy everywhere (up to 2.7x the codes at 192 inputs, 8x at 64). Embeddings and the LM
-head stay full precision and dominate small models.
+blocked copy everywhere (on AVX2 up to 2.7x the codes at 192 inputs, 8x at 64). Embeddings and
+the LM head stay full precision and dominate small models.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ from mhmoe.bitnet.integer import (
     IntegerLinearWeight,
     check_backend,
     clear_cache,
+    clear_generation,
     integer_inference,
     integer_inference_state,
-    version_counter,
 )
 from mhmoe.bitnet.layers import (
     BitExperts,
@@ -207,9 +209,9 @@ class _PackedTernary(nn.Module):
 
     After ``release_packed`` (``prepare_integer_inference`` calls it), the module owns the
     integer weights the kernels read (``mhmoe.bitnet.integer``, per matrix: fbgemm's prepacked
-    int8, or int8 codes) and its ``<W>_packed`` buffers are empty: one copy of each quantised
-    matrix stays resident instead of two. The integer weights hold the codes exactly, so
-    everything that needs the 2-bit form gets it back from them on demand:
+    int8, or int8 codes) and its ``<W>_packed`` buffers are empty placeholders: one copy of each
+    quantised matrix stays resident instead of two. The integer weights hold the codes exactly,
+    so everything that needs the 2-bit form gets it back from them on demand:
 
     * ``state_dict`` (hence a re-export, ``torch.save``): ``<W>_packed`` re-packed from the codes,
       the same bytes as the file loaded;
@@ -219,14 +221,24 @@ class _PackedTernary(nn.Module):
     * the float path (``integer_inference(False)``, train mode): codes unpacked per forward, as
       from the buffers.
 
+    A ``<W>_packed`` that is no longer the placeholder the release left (``torch.func.
+    functional_call`` with another state_dict, an assignment, ``.data`` given bytes) holds the
+    codes that count: every use reads that matrix from it, and the integer forward builds a form
+    from the buffers there now per call (not kept: a ``functional_call`` swaps them back after).
+    The owned form is rebuilt from its own codes when a ``<W>_scale`` is another tensor or holds
+    other values (compared with a copy kept at build: edits through ``.data`` or under
+    ``inference_mode`` bump no version counter), and after ``mhmoe.bitnet.integer.clear_cache``.
+
     Not in the ``mhmoe.bitnet.integer`` cache (an optimiser step anywhere in the process
-    invalidates every cache entry, and nothing would be left to rebuild from); rebuilt from their
-    own codes when a ``<W>_scale`` buffer is replaced or changed in place.
+    invalidates every cache entry, and nothing would be left to rebuild from).
     """
 
     weight_shapes: dict[str, tuple[int, ...]]
     _owned_integer: Any = None  # the integer weights once released (class default: not released)
-    _owned_scales: tuple[tuple[torch.Tensor, int | None], ...] = ()  # (scale buffer, version) they used
+    # Class defaults are never mutated in place (instances assign new dicts).
+    _owned_placeholders: dict[str, torch.Tensor] = {}  # the empty <W>_packed the release left
+    _owned_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (scale, copy of its values) built from
+    _owned_generation: int = -1  # clear_generation() at build
 
     # -- what subclasses provide ---------------------------------------------------------
     def build_integer_form(self, backend: str | None) -> Any:  # pragma: no cover - abstract
@@ -244,60 +256,102 @@ class _PackedTernary(nn.Module):
         """The integer weights this module owns (for ``integer_weight_bytes``)."""
         return [] if self._owned_integer is None else [self._owned_integer]
 
+    def replaced_packed_names(self) -> list[str]:
+        """Once released: the weights whose ``<W>_packed`` is no longer the empty placeholder the
+        release left (those buffers hold the codes that count); [] when not released."""
+        if self._owned_integer is None:
+            return []
+        # self._buffers, not getattr: this runs every integer forward (nn.Module.__getattr__ is slow)
+        buffers, placeholders = self._buffers, self._owned_placeholders
+        return [name for name in self.weight_shapes
+                if (buffer := buffers[f"{name}_packed"]) is not placeholders.get(name) or buffer.numel() != 0]
+
     def ternary_code_tensors(self) -> dict[str, torch.Tensor]:
         """Every weight's int8 codes in its shape: from the 2-bit buffers, or, once released, from
-        the integer weights (exactly the same values)."""
+        the integer weights (exactly the same values), except for buffers replaced since
+        (``replaced_packed_names``), read from the buffers."""
         if self._owned_integer is None:
             return {name: _unpack(getattr(self, f"{name}_packed"), shape) for name, shape in self.weight_shapes.items()}
-        return self.codes_from_integer_form(self._owned_integer)
+        replaced = set(self.replaced_packed_names())
+        # checked: a replaced buffer is someone else's bytes (one clear error if they do not fit)
+        owned = self.codes_from_integer_form(self._owned_integer) if len(replaced) < len(self.weight_shapes) else {}
+        return {name: unpack_ternary(getattr(self, f"{name}_packed"), shape) if name in replaced else owned[name]
+                for name, shape in self.weight_shapes.items()}
 
-    def _scales_key(self) -> tuple[tuple[torch.Tensor, int | None], ...]:
-        return tuple((getattr(self, f"{name}_scale"), version_counter(getattr(self, f"{name}_scale")))
-                     for name in self.weight_shapes)
+    def _scales_snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: (scale, scale.detach().clone())
+                for name in self.weight_shapes for scale in (getattr(self, f"{name}_scale"),)}
 
-    def _scales_unchanged(self) -> bool:
-        now = self._scales_key()
-        return len(now) == len(self._owned_scales) and all(
-            t is old_t and v == old_v for (t, v), (old_t, old_v) in zip(now, self._owned_scales))
+    def _owned_form_current(self) -> bool:
+        """Whether the owned integer weights were built from the scales there now (the same
+        tensors holding the same values) since the last ``clear_cache``."""
+        if self._owned_generation != clear_generation() or len(self._owned_scales) != len(self.weight_shapes):
+            return False
+        buffers = self._buffers
+        for name, (built_from, values) in self._owned_scales.items():
+            scale = buffers[f"{name}_scale"]
+            # dtype and device first: torch.equal holds across dtypes (and fails across devices)
+            if not (scale is built_from and scale.dtype == values.dtype and scale.device == values.device
+                    and torch.equal(scale, values)):
+                return False
+        return True
+
+    def invalidate_owned_integer(self) -> None:
+        """Have the owned integer weights rebuilt from their codes and the current scales at the
+        next integer forward (``mhmoe.bitnet.integer.clear_cache`` calls it)."""
+        self._owned_scales = {}
 
     def release_packed(self) -> None:
         """Build the integer weights for the backend chosen with ``integer_inference`` (none
-        chosen: each matrix its ``memory_aware_backend``), keep them, and empty the 2-bit buffers
-        (no-op when released already, or on the meta device)."""
+        chosen: the ``prepared_backend``, else each matrix its ``memory_aware_backend``), keep
+        them, and empty the 2-bit buffers (no-op when released already, or on the meta device)."""
         if self._owned_integer is not None:
             return
         device = getattr(self, f"{next(iter(self.weight_shapes))}_packed").device
         if device.type == "meta":
             return
-        integer = self.build_integer_form(integer_inference_state()[1])
-        for name in self.weight_shapes:
-            setattr(self, f"{name}_packed", torch.empty(0, dtype=torch.uint8, device=device))
-        self._owned_integer = integer
-        self._owned_scales = self._scales_key()
+        integer = self.build_integer_form(self.integer_backend(device))
         clear_cache(self)  # a cached copy built from the buffers before would be a second one
+        placeholders = {name: torch.empty(0, dtype=torch.uint8, device=device) for name in self.weight_shapes}
+        # Owned state first, buffers emptied after: until a buffer is its placeholder it counts
+        # as replaced and is read as is, so every step in between sees the same codes.
+        self._owned_placeholders = placeholders
+        self._owned_scales = self._scales_snapshot()
+        self._owned_generation = clear_generation()
+        self._owned_integer = integer
+        for name in self.weight_shapes:
+            setattr(self, f"{name}_packed", placeholders[name])
 
     def restore_packed(self) -> None:
-        """Undo ``release_packed``: the 2-bit buffers re-packed from the codes, integer weights
-        dropped (rebuilt through the cache on the next integer forward)."""
+        """Undo ``release_packed``: the 2-bit buffers re-packed from the codes (replaced buffers
+        kept as they are), integer weights dropped (rebuilt through the cache on the next integer
+        forward)."""
         if self._owned_integer is None:
             return
         codes = self.ternary_code_tensors()
+        replaced = set(self.replaced_packed_names())
         for name in self.weight_shapes:
-            device = getattr(self, f"{name}_packed").device
-            setattr(self, f"{name}_packed", pack_ternary(codes[name]).to(device))
+            if name not in replaced:
+                device = getattr(self, f"{name}_packed").device
+                setattr(self, f"{name}_packed", pack_ternary(codes[name]).to(device))
         self._owned_integer = None
-        self._owned_scales = ()
+        self._owned_placeholders = {}
+        self._owned_scales = {}
 
     def owned_integer_form(self) -> Any:
-        """The owned integer weights, rebuilt first from their codes if a scale changed (for the
-        same backend, or the same per-matrix default); for a backend chosen with
-        ``integer_inference(True, backend)`` other than the one all of them use, a form for that
-        backend built per call (a reference path: it is not kept)."""
+        """The integer weights of the buffers and scales there now: the owned ones, rebuilt first
+        from their codes if a scale changed or ``clear_cache`` was called (for the same backend,
+        or the same per-matrix default); built per call (not kept) when a ``<W>_packed`` was
+        replaced (class docstring), or for a backend chosen with ``integer_inference(True,
+        backend)`` other than the one all of them use (a reference path)."""
         integer = self._owned_integer
-        if not self._scales_unchanged():
-            self._owned_integer = integer = self.build_integer_form(_integer_form_backend(integer))
-            self._owned_scales = self._scales_key()
         chosen = integer_inference_state()[1]
+        if self.replaced_packed_names():
+            return self.build_integer_form(_integer_form_backend(integer) if chosen is None else chosen)
+        if not self._owned_form_current():
+            self._owned_integer = integer = self.build_integer_form(_integer_form_backend(integer))
+            self._owned_scales = self._scales_snapshot()
+            self._owned_generation = clear_generation()
         if chosen is not None and chosen != _integer_form_backend(integer):
             return self.build_integer_form(chosen)
         return integer
@@ -336,6 +390,8 @@ class _PackedTernary(nn.Module):
 
         def release_again() -> None:
             now = getattr(self, f"{next(iter(self.weight_shapes))}_packed").device.type
+            if now != device_type:
+                self.prepared_backend = None  # chosen for the old device: the new one's default
             with integer_inference(True, backend if now == device_type else None):
                 self.release_packed()
 
@@ -780,26 +836,30 @@ def load_ternary(
 def prepare_integer_inference(model: nn.Module, backend: str | None = None, release_packed: bool = True) -> int:
     """Build the integer weights of every quantised module of ``model`` now (once), on the
     modules' devices, for ``backend`` (every matrix; None: each matrix the kernel
-    ``mhmoe.bitnet.integer.memory_aware_backend`` picks for its shape and device). The packed
-    ternary modules then own them and release their 2-bit buffers (``_PackedTernary``;
-    ``release_packed=False`` keeps both, and the integer weights in the cache); their forward
-    keeps using those kernels unless ``integer_inference`` names another backend.
+    ``mhmoe.bitnet.integer.memory_aware_backend`` picks for its shape and device), and record it
+    as the modules' ``prepared_backend``: their forward keeps using those kernels unless an
+    ``integer_inference`` block names another backend. The packed ternary modules then own them
+    and release their 2-bit buffers (``_PackedTernary``); ``release_packed=False`` keeps both
+    (modules released before get their buffers back), the integer weights in the cache.
     Returns how many modules were prepared."""
     if backend is not None:
         check_backend(backend)
     prepared = 0
     with integer_inference(True, backend):
         for module in model.modules():
-            if isinstance(module, _PackedTernary) and release_packed:
-                module.restore_packed()  # released for another backend before: rebuild
-                module.release_packed()
-            elif isinstance(module, _TernaryMatrixMath):
-                module.integer_weight()
-            elif isinstance(module, _BitExpertsMath):
-                module.integer_weights()
-            else:
+            if not isinstance(module, (_TernaryMatrixMath, _BitExpertsMath)):
                 continue
+            module.prepared_backend = backend
             prepared += 1
+            if isinstance(module, _PackedTernary):
+                module.restore_packed()  # released for another backend before, or to keep both
+                if release_packed:
+                    module.release_packed()
+                    continue
+            if isinstance(module, _TernaryMatrixMath):
+                module.integer_weight()
+            else:
+                module.integer_weights()
     return prepared
 
 
