@@ -20,8 +20,9 @@ Also: resident weight memory (parameters + buffers + the integer weights built a
 that of the quantised matrices alone, and the layer-level ratio: one MH-MoE h=3 layer forward
 (eval, no grad) on ``--layer-tokens`` tokens, fp32 vs BitNet. The packed export holds each
 quantised matrix once, in the integer kernel's form (its 2-bit buffers released at load); the
-bytes of fbgemm's prepacked weights are those of its blocked copy, inputs padded to 512
-(``mhmoe.bitnet.integer.fbgemm_packed_bytes``, checked against the resident set by
+bytes of fbgemm's prepacked weights are those of its blocked copy, inputs padded to its
+instruction set's block (512 on AVX2; ``mhmoe.bitnet.integer.fbgemm_packed_bytes``, checked
+against the resident set by
 ``tests/test_int_inference.py``). The packed export is timed as loaded by default (the kernel
 chosen per matrix, ``mhmoe.bitnet.integer.memory_aware_backend``) and, with
 ``--ternary-backends``, also forced to one backend for every matrix (case ``<variant>/ternary_<backend>``);
