@@ -1110,7 +1110,15 @@ def test_fake_quant_cache_sees_load_state_dict_under_inference_mode(make):
         layer.load_state_dict(other.state_dict())  # copies into the inference tensors in place
         assert not torch.equal(run(other, x), before)
         assert torch.equal(run(layer, x), run(other, x))
-        assert not integer.cached_weights(layer)  # no version counter: nothing kept to go stale
+        assert integer.cached_weights(layer)  # kept (load_state_dict clears it; in-place edits need clear_cache)
+        latent = layer.weight if make == "linear" else layer.w2
+        latent.mul_(-1.0)  # an inference tensor: no version counter to see this edit
+        integer.clear_cache(layer)  # the documented remedy
+        assert not integer.cached_weights(layer)
+        if make == "linear":  # ternary codes of -W are -codes, same absmean scale: output negated
+            torch.testing.assert_close(run(layer, x), -run(other, x), rtol=1e-6, atol=1e-6)
+        else:
+            assert not torch.equal(run(layer, x), run(other, x))
     # a normal module whose load_state_dict runs inside inference_mode: entries dropped
     layer, other = build(0), build(1)
     with torch.no_grad():
@@ -1179,7 +1187,8 @@ def test_fused_extension_builds_per_host_and_clears_a_stale_lock(monkeypatch, tm
         assert torch.backends.cpu.get_cpu_capability().lower() in fused.host_key()
         # another CPU capability: another directory (a -march=native build is never shared)
         with monkeypatch.context() as patch:
-            patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+            other_capability = "AVX2" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "AVX512"
+            patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other_capability)
             assert fused.build_directory() != directory
         lock = directory / "lock"
         lock.touch()

@@ -421,10 +421,14 @@ def cached(
 ) -> Any:
     """``build()`` once per (module, name), rebuilt when one of ``sources`` (the tensors the
     integer weights derive from) is replaced or modified in place, after an optimiser step, or
-    when the backend changes; built per call (not kept) for parametrised sources and for
-    inference tensors, whose in-place edits nothing can see (module doc)."""
+    when the backend changes; built per call (not kept) for parametrised sources.
+
+    Inference tensors (weights made under ``torch.inference_mode``) have no version counter, so
+    an in-place edit of one is invisible here, as a ``.data`` edit is for any tensor: call
+    ``clear_cache(module)`` after such edits. ``load_state_dict`` does so itself. They are still
+    cached: building per call made every decode step ~30x slower for such modules."""
     sources = tuple(sources)
-    if not _own_tensors(module, sources) or any(version_counter(t) is None for t in sources):
+    if not _own_tensors(module, sources):
         entries = _CACHE.get(module)
         if entries is not None:
             entries.pop(name, None)

@@ -67,6 +67,7 @@ from mhmoe.bitnet.integer import (
     clear_generation,
     integer_inference,
     integer_inference_state,
+    version_counter,
 )
 from mhmoe.bitnet.layers import (
     BitExperts,
@@ -237,7 +238,7 @@ class _PackedTernary(nn.Module):
     _owned_integer: Any = None  # the integer weights once released (class default: not released)
     # Class defaults are never mutated in place (instances assign new dicts).
     _owned_placeholders: dict[str, torch.Tensor] = {}  # the empty <W>_packed the release left
-    _owned_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (scale, copy of its values) built from
+    _owned_scales: dict[str, tuple[torch.Tensor, int | None, torch.Tensor]] = {}  # (scale, version, values) built from
     _owned_generation: int = -1  # clear_generation() at build
 
     # -- what subclasses provide ---------------------------------------------------------
@@ -279,20 +280,27 @@ class _PackedTernary(nn.Module):
                 for name, shape in self.weight_shapes.items()}
 
     def _scales_snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: (scale, scale.detach().clone())
+        return {name: (scale, version_counter(scale), scale.detach().clone())
                 for name in self.weight_shapes for scale in (getattr(self, f"{name}_scale"),)}
 
     def _owned_form_current(self) -> bool:
         """Whether the owned integer weights were built from the scales there now (the same
-        tensors holding the same values) since the last ``clear_cache``."""
+        tensors, unmodified) since the last ``clear_cache``.
+
+        "Unmodified": the same version counter as at the build. Only inference tensors, which
+        have none, have their values compared, and only on CPU, where reading them costs no
+        device sync (a CUDA ``torch.equal`` would sync once per module per decode step); a
+        ``.data`` edit on CUDA needs ``clear_cache(module)``."""
         if self._owned_generation != clear_generation() or len(self._owned_scales) != len(self.weight_shapes):
             return False
         buffers = self._buffers
-        for name, (built_from, values) in self._owned_scales.items():
+        for name, (built_from, version, values) in self._owned_scales.items():
             scale = buffers[f"{name}_scale"]
-            # dtype and device first: torch.equal holds across dtypes (and fails across devices)
-            if not (scale is built_from and scale.dtype == values.dtype and scale.device == values.device
-                    and torch.equal(scale, values)):
+            if scale is not built_from or scale.dtype != values.dtype or scale.device != values.device:
+                return False
+            if version_counter(scale) != version:
+                return False
+            if (version is None or scale.device.type == "cpu") and not torch.equal(scale, values):
                 return False
         return True
 
